@@ -14,8 +14,9 @@ Usage (from the repository root)::
   python -m experiments.main --config experiments/configs/default.py --workdir runs/default \
       --mode=evaluate
 
-  # Multi-host (TPU pod slice, or one process per GPU host): run the same command on every
-  # host with --distributed; each process reads its own shard of the data.
+  # Multi-host (TPU pod slice, Slurm/MPI, or processes launched by hand with
+  # ISOMAX_COORDINATOR_ADDRESS, ISOMAX_NUM_PROCESSES, ISOMAX_PROCESS_ID): run the same command
+  # in every process; each one reads its own shard of the data, process 0 writes the report.
 
 Any config field can be overridden, e.g. `--config.num_epochs=10 --config.runs=3`.
 """
@@ -35,12 +36,6 @@ flags.DEFINE_enum(
     "`train_and_evaluate` trains (resuming from checkpoints in the workdir), then evaluates; "
     "`evaluate` loads the final checkpoints of the workdir and writes the report.",
 )
-flags.DEFINE_bool(
-    "distributed",
-    False,
-    "Call jax.distributed.initialize() first (multi-host runs; the coordinator is "
-    "auto-detected on TPU VMs and SLURM, else set JAX_COORDINATOR_ADDRESS etc.).",
-)
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -49,10 +44,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import jax  # imported here so that --distributed can initialise first
+    import jax
 
-    if FLAGS.distributed:
-        jax.distributed.initialize()
+    from isomax_jax import distributed
+
+    # Multi-process runs (ISOMAX_COORDINATOR_ADDRESS/..., Slurm, Open MPI, multi-host Cloud TPU)
+    # are initialised before any other JAX call; a single process is left as it is.
+    distributed.initialize()
     logging.info(
         "JAX process %d/%d, local devices %s",
         jax.process_index(),

@@ -217,7 +217,7 @@ def _all_scores_table(results: Mapping[str, Any], loss: str) -> str:
     return "\n".join(lines)
 
 
-def _verdict_lines(results: Mapping[str, Any]) -> list[str]:
+def verdict_lines(results: Mapping[str, Any]) -> list[str]:
     lines = []
     for challenger, by_ood in results["verdicts"].items():
         score = PAIRINGS[challenger][0]
@@ -290,7 +290,7 @@ def markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
             "better of SoftMax + MPS and SoftMax + ES on both, **no** when higher on neither, "
             "**mixed** otherwise.",
             "",
-            *_verdict_lines(results),
+            *verdict_lines(results),
         ]
     lines += ["## Every applicable score, both metric conventions", ""]
     for conv, note in results["conventions"].items():
