@@ -1,0 +1,78 @@
+"""Input pipelines and OOD benchmark sets (the only part of isomax_jax that imports TensorFlow).
+
+Importing this package hides GPUs from TensorFlow (it never takes accelerator memory) and
+registers the OOD builders with tfds (``isomax_tiny_imagenet_resize``, ... see
+:mod:`isomax_jax.data.builders`).
+
+Public API:
+
+* :func:`train_dataset` ``(name, *, batch_size, seed, data_dir=None, split="train",
+  num_epochs=None, augment=True, process_index=None, process_count=None, num_devices=None, ...)``
+  -> iterable of ``{"image": float32 [b, 32, 32, 3], "label": int32 [b]}``; ``batch_size`` is
+  global, ``b = batch_size // process_count``; crop 32 / pad 4 + flip, normalised, seeded.
+* :func:`eval_dataset` ``(name, *, in_distribution, batch_size, data_dir=None, manual_dir=None,
+  build_dir=None, download=False, process_index=None, process_count=None, ...)`` -> iterable (with
+  ``len``) of ``{"image", "label", "mask"}``; the split exactly once over all processes, last
+  batches padded (mask False, label -1), equal batch count on every process; label -1 for OOD.
+  Names: :data:`EVAL_NAMES` = cifar10, cifar100, svhn, tiny_imagenet_resize, tiny_imagenet_crop,
+  lsun_resize, lsun_crop, isun, mnist, omniglot, textures, gaussian_noise, uniform_noise.
+* :func:`num_examples`, :func:`steps_per_epoch`; :data:`NORMALIZATION`,
+  :func:`normalization_stats` (in-distribution mean/std, also used for every OOD set).
+* :class:`DataNotFoundError` (a ``FileNotFoundError``), :class:`ArchiveError` and
+  :class:`ImageError` (``ValueError`` s) for missing data, damaged archives and bad images.
+
+Data location (:mod:`isomax_jax.data.locate`): ``data_dir`` may be one directory or a list,
+searched in order (e.g. ``[writable_dir, read_only_shared_dir]``); default ``$TFDS_DATA_DIR``, else
+``~/tensorflow_datasets``. Missing OOD sets are built from the archives in ``manual_dir`` into
+``build_dir`` or the first writable ``data_dir``. Nothing is downloaded unless ``download=True``;
+missing data fails at once with a message naming the dataset, the directories searched and the
+files to provide.
+
+Example:
+  >>> from isomax_jax import data
+  >>> data.normalization_stats("svhn")
+  ((0.437, 0.443, 0.472), (0.198, 0.201, 0.197))
+  >>> "lsun_resize" in data.EVAL_NAMES
+  True
+"""
+
+import tensorflow as tf
+
+try:  # TensorFlow must never take accelerator memory; JAX owns the devices.
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TF already initialised its devices (tensorflow-cpu has none anyway)
+    pass
+
+from isomax_jax.data.archives import ArchiveError  # noqa: E402
+from isomax_jax.data.builders import OOD_BUILDERS, ImageError  # noqa: E402
+from isomax_jax.data.locate import DataNotFoundError, resolve_data_dirs  # noqa: E402
+from isomax_jax.data.normalization import (  # noqa: E402
+    IN_DISTRIBUTION_NAMES,
+    NORMALIZATION,
+    normalization_stats,
+)
+from isomax_jax.data.pipelines import (  # noqa: E402
+    EVAL_NAMES,
+    TRAIN_NAMES,
+    eval_dataset,
+    num_examples,
+    steps_per_epoch,
+    train_dataset,
+)
+
+__all__ = [
+    "EVAL_NAMES",
+    "IN_DISTRIBUTION_NAMES",
+    "NORMALIZATION",
+    "OOD_BUILDERS",
+    "TRAIN_NAMES",
+    "ArchiveError",
+    "DataNotFoundError",
+    "ImageError",
+    "eval_dataset",
+    "normalization_stats",
+    "num_examples",
+    "resolve_data_dirs",
+    "steps_per_epoch",
+    "train_dataset",
+]

@@ -1,0 +1,161 @@
+"""Common machinery of the OOD builders: sources, image checks, 32x32x3 conversion, PNG encoding.
+
+Every OOD builder stores one split, ``test``, with a single feature ``image`` (uint8
+``[32, 32, 3]``, PNG-encoded); the preprocessing of each set (resize, crop, grey -> RGB, padding)
+happens once, at build time, so reading needs no further resizing.
+
+A builder lists *sources*: alternative sets of files looked up in ``manual_dir`` (directly or in the
+builder's ``MANUAL_SUBDIR``), the first complete one wins; without one it downloads
+``DOWNLOAD_URLS`` (only when the caller allows downloads, see :mod:`isomax_jax.data.locate`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+__all__ = ["ImageError", "OODBuilder", "center_crop", "check_image", "decode_image", "encode_png"]
+
+IMAGE_SIZE = 32
+
+
+class ImageError(ValueError):
+    """An image in a source archive cannot be decoded or has the wrong size or mode."""
+
+
+def decode_image(data: bytes, *, where: str) -> Image.Image:
+    """Decodes image bytes with PIL; ``where`` (``archive:member``) is named in errors."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{where}: cannot decode image ({e})") from e
+    return image
+
+
+def check_image(
+    image: Image.Image,
+    *,
+    where: str,
+    modes: Sequence[str],
+    size: tuple[int, int] | None = None,
+    min_size: int | None = None,
+) -> None:
+    """Raises :class:`ImageError` if the mode or size (width, height) is not the expected one."""
+    if image.mode not in modes:
+        raise ImageError(f"{where}: image mode {image.mode!r}, expected one of {list(modes)}")
+    if size is not None and image.size != tuple(size):
+        raise ImageError(f"{where}: image size {image.size} (w, h), expected {tuple(size)}")
+    if min_size is not None and min(image.size) < min_size:
+        raise ImageError(f"{where}: image size {image.size} (w, h), expected both >= {min_size}")
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """PIL image (mode ``1``/``L``/``RGB``) -> uint8 ``[H, W, 3]``."""
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def center_crop(array: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Central ``size x size`` crop of ``[H, W, C]`` (top/left offsets rounded down)."""
+    h, w = array.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    return array[top : top + size, left : left + size]
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """uint8 ``[32, 32, 3]`` -> PNG bytes (checked, so no malformed example is ever written)."""
+    if array.shape != (IMAGE_SIZE, IMAGE_SIZE, 3) or array.dtype != np.uint8:
+        raise ImageError(f"internal: image {array.shape} {array.dtype}, expected (32, 32, 3) uint8")
+    buf = io.BytesIO()
+    Image.fromarray(array, "RGB").save(buf, format="PNG", compress_level=0)
+    return buf.getvalue()
+
+
+class OODBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base of the OOD builders: one ``test`` split of uint8 ``[32, 32, 3]`` images.
+
+    Subclasses set ``name``, ``SOURCES`` (tuple of alternative tuples of file names, relative to
+    ``manual_dir``), optionally ``MANUAL_SUBDIR`` and ``DOWNLOAD_URLS`` (one URL per file of the
+    first source), and implement ``_images(paths) -> Iterator[(key, uint8 [32, 32, 3])]``.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    SOURCES: tuple[tuple[str, ...], ...] = ()
+    MANUAL_SUBDIR: str = ""
+    DOWNLOAD_URLS: tuple[str, ...] = ()
+    DESCRIPTION: str = ""
+    HOMEPAGE: str = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.SOURCES and not cls.__dict__.get("MANUAL_DOWNLOAD_INSTRUCTIONS"):
+            alternatives = " or ".join(" + ".join(files) for files in cls.SOURCES)
+            where = f" (or in its '{cls.MANUAL_SUBDIR}/' folder)" if cls.MANUAL_SUBDIR else ""
+            cls.MANUAL_DOWNLOAD_INSTRUCTIONS = (
+                f"Place {alternatives} in manual_dir{where}. Download: "
+                + (", ".join(cls.DOWNLOAD_URLS) or cls.HOMEPAGE)
+            )
+
+    @classmethod
+    def find_source(cls, manual_dir: os.PathLike | str | None) -> tuple[pathlib.Path, ...] | None:
+        """The files of the first complete source in ``manual_dir``; ``()`` if none is needed."""
+        if not cls.SOURCES:
+            return ()
+        if manual_dir is None:
+            return None
+        roots = [pathlib.Path(manual_dir)]
+        if cls.MANUAL_SUBDIR:
+            roots.append(roots[0] / cls.MANUAL_SUBDIR)
+        for files in cls.SOURCES:
+            for root in roots:
+                paths = tuple(root / f for f in files)
+                if all(p.is_file() for p in paths):
+                    return paths
+        return None
+
+    @classmethod
+    def expected_files(cls, manual_dir: os.PathLike | str | None) -> str:
+        """Human-readable list of the files looked for (for error messages)."""
+        roots = [str(manual_dir)] + (
+            [f"{manual_dir}/{cls.MANUAL_SUBDIR}"] if cls.MANUAL_SUBDIR else []
+        )
+        alternatives = " or ".join(" + ".join(files) for files in cls.SOURCES)
+        return f"{alternatives} in {' or '.join(roots)}"
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.DESCRIPTION,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(
+                        shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="png"
+                    )
+                }
+            ),
+            homepage=self.HOMEPAGE or None,
+        )
+
+    def _split_generators(self, dl_manager):
+        try:
+            manual_dir = dl_manager.manual_dir if self.SOURCES else None
+        except AssertionError:  # manual_dir not given or empty
+            manual_dir = None
+        paths = self.find_source(manual_dir)
+        if paths is None:
+            paths = tuple(pathlib.Path(p) for p in dl_manager.download(list(self.DOWNLOAD_URLS)))
+        return {"test": self._generate_examples(paths)}
+
+    def _generate_examples(self, paths):
+        for key, array in self._images(paths):
+            yield key, {"image": encode_png(array)}
+
+    def _images(self, paths: Sequence[pathlib.Path]) -> Iterator[tuple[str, np.ndarray]]:
+        raise NotImplementedError

@@ -1,0 +1,181 @@
+"""Finding prepared datasets, building the OOD sets, and failing fast when data is missing.
+
+**Where data is read from.** ``data_dir`` is one directory or a sequence of directories; with
+``None``, ``$TFDS_DATA_DIR``, else tfds's default (``~/tensorflow_datasets``). Directories are
+searched in order and the first one holding the prepared dataset is used, so a read-only shared
+directory can sit next to a writable one: ``data_dir=[my_dir, "/shared/tfds"]``.
+
+**Where builds go.** An OOD set that is not prepared anywhere is built (from ``manual_dir``, or
+generated for the noise sets) into ``build_dir`` if given, else into the first *writable* directory
+of ``data_dir``; if there is none, :class:`DataNotFoundError` says so. A failed build leaves
+nothing behind in the build directory (tfds writes into an ``incomplete.*`` folder that is renamed
+only on success; this module also removes the empty folders it created).
+
+**No network by default.** Nothing is ever downloaded unless ``download=True``. Without prepared
+data and without the files in ``manual_dir``, :class:`DataNotFoundError` (a
+``FileNotFoundError``) is raised at once, naming the dataset, every directory searched and how to
+provide the data; tfds never gets the chance to retry a download.
+
+Under ``tfds.testing.mock_data`` the search is skipped and tfds's mocked builder is returned, so
+pipelines can be tested with generated examples.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Sequence
+
+import tensorflow_datasets as tfds
+
+from isomax_jax.data.builders import OOD_BUILDERS
+
+__all__ = ["DataNotFoundError", "load_builder", "resolve_data_dirs"]
+
+DataDir = str | os.PathLike | Sequence[str | os.PathLike] | None
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset is neither prepared in the data directories nor buildable from local files."""
+
+
+def resolve_data_dirs(data_dir: DataDir) -> list[pathlib.Path]:
+    """``data_dir`` argument -> ordered list of directories to search (see module doc)."""
+    if data_dir is None:
+        env = os.environ.get("TFDS_DATA_DIR")
+        dirs = [env] if env else [os.path.join(os.path.expanduser("~"), "tensorflow_datasets")]
+    elif isinstance(data_dir, str | os.PathLike):
+        dirs = [data_dir]
+    else:
+        dirs = list(data_dir)
+        if not dirs:
+            raise ValueError("data_dir is an empty sequence; give at least one directory")
+    return [pathlib.Path(d).expanduser() for d in dirs]
+
+
+def _is_writable(path: pathlib.Path) -> bool:
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return False
+        probe = probe.parent
+    return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+
+
+def _tfds_is_mocked() -> bool:
+    fn = tfds.core.DatasetBuilder.download_and_prepare
+    return getattr(fn, "__name__", "") == "mock_download_and_prepare"
+
+
+def _prepared(name: str, dirs: Sequence[pathlib.Path]):
+    for d in dirs:
+        if not (d / name).is_dir():
+            continue
+        builder = tfds.builder(name, data_dir=os.fspath(d))
+        if builder.is_prepared():
+            return builder
+    return None
+
+
+def _remove_leftovers(created: Sequence[pathlib.Path]) -> None:
+    """Removes the folders this module created (deepest first) if a failed build left them."""
+    for path in reversed(created):
+        if path.is_dir():
+            for child in path.iterdir():
+                if child.name.startswith("incomplete.") or ".incomplete" in child.name:
+                    shutil.rmtree(child, ignore_errors=True)
+            if not any(path.iterdir()):
+                path.rmdir()
+
+
+def _build(name: str, build_dir: pathlib.Path, manual_dir, download: bool):
+    created = []
+    for path in (*reversed(build_dir.parents), build_dir, build_dir / name):
+        if not path.exists():
+            created.append(path)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    tmp_downloads = None
+    if download:
+        download_dir = build_dir / "downloads"
+    else:
+        download_dir = tmp_downloads = pathlib.Path(tempfile.mkdtemp(prefix="isomax_tfds_dl_"))
+    try:
+        builder = tfds.builder(name, data_dir=os.fspath(build_dir))
+        builder.download_and_prepare(
+            download_dir=os.fspath(download_dir),
+            download_config=tfds.download.DownloadConfig(
+                manual_dir=os.fspath(manual_dir) if manual_dir is not None else None
+            ),
+        )
+    except BaseException:
+        _remove_leftovers(created)
+        raise
+    finally:
+        if tmp_downloads is not None:
+            shutil.rmtree(tmp_downloads, ignore_errors=True)
+    return builder
+
+
+def load_builder(
+    display_name: str,
+    candidates: Sequence[str],
+    *,
+    data_dir: DataDir = None,
+    manual_dir: str | os.PathLike | None = None,
+    build_dir: str | os.PathLike | None = None,
+    download: bool = False,
+):
+    """Returns a prepared tfds builder for the first candidate found (or buildable).
+
+    Args:
+      display_name: the user-facing dataset name, used in error messages.
+      candidates: tfds names that provide the data, in order of preference (e.g. ``mnist`` then
+        ``isomax_mnist``).
+      data_dir: directories searched for prepared data (see module doc).
+      manual_dir: folder with the source archives of the OOD builders.
+      build_dir: where to build a missing OOD set; default the first writable ``data_dir``.
+      download: allow tfds to download (connected machines only).
+
+    Raises:
+      DataNotFoundError: the data is not available (message says what was searched).
+    """
+    if _tfds_is_mocked():
+        return tfds.builder(candidates[0])
+    dirs = resolve_data_dirs(data_dir)
+    for name in candidates:
+        builder = _prepared(name, dirs)
+        if builder is not None:
+            return builder
+
+    target = pathlib.Path(build_dir).expanduser() if build_dir is not None else None
+    if target is None:
+        target = next((d for d in dirs if _is_writable(d)), None)
+    hints = []
+    for name in candidates:
+        cls = OOD_BUILDERS.get(name)
+        buildable = download or (cls is not None and cls.find_source(manual_dir) is not None)
+        if buildable and target is not None and _is_writable(target):
+            return _build(name, target, manual_dir, download)
+        if cls is not None and cls.SOURCES:
+            hints.append(
+                f"put {cls.expected_files(manual_dir)} (manual_dir={manual_dir}) "
+                f"[{cls.MANUAL_DOWNLOAD_INSTRUCTIONS}]"
+            )
+        elif cls is not None:
+            hints.append(f"'{name}' is generated; it needs a writable data_dir or build_dir")
+        else:
+            hints.append(f"prepare tfds '{name}' on a connected machine and copy it into data_dir")
+    searched = ", ".join(str(d) for d in dirs)
+    where_to_build = (
+        f"builds would go to {target}"
+        if target is not None and _is_writable(target)
+        else "no writable directory to build into (pass build_dir= or a writable data_dir first)"
+    )
+    raise DataNotFoundError(
+        f"Dataset '{display_name}' (tfds {' or '.join(repr(c) for c in candidates)}) is not "
+        f"prepared in any searched data_dir [{searched}] (data_dir argument, else $TFDS_DATA_DIR, "
+        f"else ~/tensorflow_datasets) and cannot be built offline; {where_to_build}. To provide "
+        f"it: {'; or '.join(hints)}; or pass download=True on a machine with network access."
+    )
