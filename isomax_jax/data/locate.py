@@ -7,7 +7,9 @@ directory can sit next to a writable one: ``data_dir=[my_dir, "/shared/tfds"]``.
 
 **Where builds go.** An OOD set that is not prepared anywhere is built (from ``manual_dir``, or
 generated for the noise sets) into ``build_dir`` if given, else into the first *writable* directory
-of ``data_dir``; if there is none, :class:`DataNotFoundError` says so. A failed build leaves
+of ``data_dir``, else into the default directory (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``)
+if that is writable; this build directory is searched too, so a set is built only once. If there
+is no writable directory, :class:`DataNotFoundError` says so. A failed build leaves
 nothing behind in the build directory (tfds writes into an ``incomplete.*`` folder that is renamed
 only on success; this module also removes the empty folders it created).
 
@@ -32,7 +34,7 @@ import tensorflow_datasets as tfds
 
 from isomax_jax.data.builders import OOD_BUILDERS
 
-__all__ = ["DataNotFoundError", "load_builder", "resolve_data_dirs"]
+__all__ = ["DataNotFoundError", "build_target", "load_builder", "resolve_data_dirs"]
 
 DataDir = str | os.PathLike | Sequence[str | os.PathLike] | None
 
@@ -62,6 +64,17 @@ def _is_writable(path: pathlib.Path) -> bool:
             return False
         probe = probe.parent
     return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+
+
+def build_target(dirs: Sequence[pathlib.Path], build_dir=None) -> pathlib.Path | None:
+    """Where missing OOD sets are built: ``build_dir``, else the first writable of ``dirs``,
+    else the default directory (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``) if writable."""
+    if build_dir is not None:
+        return pathlib.Path(build_dir).expanduser()
+    for d in (*dirs, *resolve_data_dirs(None)):
+        if _is_writable(d):
+            return d
+    return None
 
 
 def _tfds_is_mocked() -> bool:
@@ -135,7 +148,7 @@ def load_builder(
         ``isomax_mnist``).
       data_dir: directories searched for prepared data (see module doc).
       manual_dir: folder with the source archives of the OOD builders.
-      build_dir: where to build a missing OOD set; default the first writable ``data_dir``.
+      build_dir: where to build a missing OOD set; default: see :func:`build_target`.
       download: allow tfds to download (connected machines only).
 
     Raises:
@@ -144,14 +157,13 @@ def load_builder(
     if _tfds_is_mocked():
         return tfds.builder(candidates[0])
     dirs = resolve_data_dirs(data_dir)
+    target = build_target(dirs, build_dir)
+    search = dirs + [target] if target is not None and target not in dirs else dirs
     for name in candidates:
-        builder = _prepared(name, dirs)
+        builder = _prepared(name, search)
         if builder is not None:
             return builder
 
-    target = pathlib.Path(build_dir).expanduser() if build_dir is not None else None
-    if target is None:
-        target = next((d for d in dirs if _is_writable(d)), None)
     hints = []
     for name in candidates:
         cls = OOD_BUILDERS.get(name)
@@ -167,7 +179,7 @@ def load_builder(
             hints.append(f"'{name}' is generated; it needs a writable data_dir or build_dir")
         else:
             hints.append(f"prepare tfds '{name}' on a connected machine and copy it into data_dir")
-    searched = ", ".join(str(d) for d in dirs)
+    searched = ", ".join(str(d) for d in search)
     where_to_build = (
         f"builds would go to {target}"
         if target is not None and _is_writable(target)
