@@ -77,7 +77,7 @@ def init_state(*, head: str = "softmax", seed: int = 0, size: int = 8, lr: float
 
 
 def flat_params(params) -> dict[str, np.ndarray]:
-    """``{"a/b/kernel": array}`` of a params pytree (fetched to host)."""
+    """``{"['a']['kernel']": array}`` of a params pytree (fetched to host)."""
     leaves = jax.tree_util.tree_leaves_with_path(params)
     return {jax.tree_util.keystr(p): np.asarray(jax.device_get(v)) for p, v in leaves}
 
@@ -123,7 +123,9 @@ def main(argv=None) -> int:
         ckpt.save(state, force=True)
         ckpt.close()
     if pid == 0:
-        np.savez(args.out, **flat_params(state.params))
+        layout = distributed.device_layout()
+        counts = {"process_count": layout["process_count"], "device_count": layout["device_count"]}
+        np.savez(args.out, **flat_params(state.params), **{f"__{k}": v for k, v in counts.items()})
     return 0
 
 
