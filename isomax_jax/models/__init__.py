@@ -1,0 +1,91 @@
+"""CIFAR backbones of the IsoMax papers with a choice of head.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from isomax_jax.models import get_model
+  >>> model = get_model("small_resnet", num_classes=10, head="isomax")
+  >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  >>> model.apply(variables, jnp.zeros((4, 32, 32, 3)), train=False).shape
+  (4, 10)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+
+from isomax_jax.models import resnet
+from isomax_jax.models.classifier import Classifier, SoftMaxHead
+
+#: name -> (backbone factory, feature dimension).
+BACKBONES: dict[str, tuple[Callable[[], nn.Module], int]] = {
+    "resnet34": (resnet.resnet34, 512),
+    "resnet110": (resnet.resnet110, 64),
+    "small_resnet": (resnet.small_resnet, 128),
+}
+
+HEADS: tuple[str, ...] = ("softmax", "isomax", "isomax_plus", "dismax")
+
+
+def make_head(head: str, *, num_classes: int, temperature: float = 1.0) -> nn.Module:
+    """The head called ``head`` (one of :data:`HEADS`), named ``classifier``."""
+    from isomax_jax import heads
+
+    factories = {
+        "softmax": SoftMaxHead,
+        "isomax": heads.IsoMaxHead,
+        "isomax_plus": heads.IsoMaxPlusHead,
+        "dismax": heads.DisMaxHead,
+    }
+    if head not in factories:
+        raise ValueError(f"`head` must be one of {list(HEADS)}; got {head!r}.")
+    return factories[head](num_classes, temperature=temperature, name="classifier")
+
+
+def get_model(name: str, *, num_classes: int, head: str, temperature: float = 1.0) -> Classifier:
+    """A backbone with a head: ``apply(variables, images, train=..., return_features=False)``.
+
+    Args:
+      name: one of ``densenet_bc100`` (342-d features), ``resnet34`` (512-d), ``resnet110``
+        (64-d), ``wrn28_10`` (640-d), ``small_resnet`` (128-d, fast CPU model).
+      num_classes: number of classes ``C``.
+      head: ``softmax`` (linear), ``isomax``, ``isomax_plus`` or ``dismax``.
+      temperature: the head's (untrained) temperature; 1 except after calibration.
+
+    Returns:
+      A :class:`Classifier`; its variables are ``{"params", "batch_stats"}`` with the backbone
+      under ``backbone`` and the head under ``classifier``.
+
+    Raises:
+      ValueError: for an unknown name or head, or ``num_classes < 1``.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"`name` must be one of {sorted(BACKBONES)}; got {name!r}.")
+    if head not in HEADS:
+        raise ValueError(f"`head` must be one of {list(HEADS)}; got {head!r}.")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"`num_classes` must be a positive int; got {num_classes!r}.")
+    factory, _ = BACKBONES[name]
+    return Classifier(
+        backbone=factory(),
+        classifier=make_head(head, num_classes=num_classes, temperature=temperature),
+    )
+
+
+def feature_dim(name: str) -> int:
+    """The feature dimension ``D`` of backbone ``name``."""
+    if name not in BACKBONES:
+        raise ValueError(f"`name` must be one of {sorted(BACKBONES)}; got {name!r}.")
+    return BACKBONES[name][1]
+
+
+__all__ = [
+    "BACKBONES",
+    "HEADS",
+    "Classifier",
+    "SoftMaxHead",
+    "feature_dim",
+    "get_model",
+    "make_head",
+]

@@ -1,0 +1,112 @@
+"""A backbone plus a classification head, and the SoftMax (linear) head.
+
+:class:`Classifier` is what :func:`isomax_jax.models.get_model` returns: it checks the images,
+runs the backbone to pooled features ``[batch, features]`` and the head (submodule
+``classifier``, as in the PyTorch reference) to logits ``[batch, num_classes]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _uniform_fan_in(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """``U(-sqrt(1 / D), sqrt(1 / D))`` for a ``[D, C]`` kernel (the reference SoftMax head)."""
+    bound = math.sqrt(1.0 / shape[0])
+    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
+
+
+class SoftMaxHead(nn.Module):
+    """Linear head ``logits = (f @ kernel + bias) / T``, the reference ``SoftMaxLossFirstPart``.
+
+    ``kernel`` is ``[D, C]`` (the transpose of the reference's ``weights`` ``[C, D]``), initialised
+    ``U(±sqrt(1/D))``; ``bias`` ``[C]`` starts at 0.
+
+    Attributes:
+      num_classes: number of classes ``C``.
+      temperature: ``T``, not trained (1 unless calibrated).
+      param_dtype: dtype of the parameters.
+
+    Example:
+      >>> head = SoftMaxHead(num_classes=3)
+      >>> variables = head.init(jax.random.key(0), jnp.ones((2, 4)))
+      >>> jax.tree.map(jnp.shape, variables["params"])
+      {'bias': (3,), 'kernel': (4, 3)}
+      >>> head.apply(variables, jnp.ones((2, 4))).shape
+      (2, 3)
+    """
+
+    num_classes: int
+    temperature: float = 1.0
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: jax.typing.ArrayLike) -> jax.Array:
+        """Maps ``[batch, features]`` to ``[batch, num_classes]`` logits."""
+        features = jnp.asarray(features)
+        if features.ndim != 2:
+            raise ValueError(
+                f"`features` must have rank 2 with shape [batch, features]; got shape "
+                f"{features.shape}."
+            )
+        dim = features.shape[-1]
+        kernel = self.param("kernel", _uniform_fan_in, (dim, self.num_classes), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.num_classes,), self.param_dtype)
+        return (features @ kernel + bias[None, :]) / self.temperature
+
+
+class Classifier(nn.Module):
+    """Images ``[batch, height, width, 3]`` -> backbone features -> head logits.
+
+    Attributes:
+      backbone: a module mapping images (and ``train=``) to features ``[batch, D]``.
+      classifier: the head, mapping ``[batch, D]`` to ``[batch, C]``.
+
+    Example:
+      >>> from isomax_jax.models import get_model
+      >>> model = get_model("small_resnet", num_classes=10, head="isomax_plus")
+      >>> images = jnp.zeros((2, 32, 32, 3))
+      >>> variables = model.init(jax.random.key(0), images)
+      >>> sorted(variables)
+      ['batch_stats', 'params']
+      >>> logits, features = model.apply(variables, images, return_features=True)
+      >>> logits.shape, features.shape
+      ((2, 10), (2, 128))
+    """
+
+    backbone: nn.Module
+    classifier: nn.Module
+
+    def __call__(
+        self, images: jax.typing.ArrayLike, *, train: bool = False, return_features: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Computes logits (and features).
+
+        Args:
+          images: float images ``[batch, height, width, 3]`` (NHWC, already normalised). The
+            reference architectures are defined for 32×32.
+          train: batch statistics (and their running-average update, with
+            ``mutable=["batch_stats"]``) if True; running averages if False.
+          return_features: also return the pooled backbone features.
+
+        Returns:
+          ``logits [batch, C]``, or ``(logits, features [batch, D])`` if ``return_features``.
+        """
+        shape = np.shape(images)
+        if len(shape) != 4 or shape[-1] != 3:
+            raise ValueError(
+                f"`images` must have shape [batch, height, width, 3] (NHWC); got {tuple(shape)}."
+            )
+        dtype = jnp.result_type(images)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"`images` must have a floating-point dtype (normalised images); got {dtype}."
+            )
+        features = self.backbone(jnp.asarray(images), train=train)
+        logits = self.classifier(features)
+        return (logits, features) if return_features else logits
