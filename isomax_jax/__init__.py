@@ -1,3 +1,18 @@
 """isomax_jax: out-of-distribution detection with the IsoMax loss family in JAX/Flax."""
 
+from isomax_jax.distances import dismax_logits as dismax_logits
+from isomax_jax.distances import isomax_logits as isomax_logits
+from isomax_jax.distances import isomax_plus_logits as isomax_plus_logits
+from isomax_jax.distances import l2_normalize as l2_normalize
+from isomax_jax.distances import pairwise_distance as pairwise_distance
+from isomax_jax.heads import DisMaxHead as DisMaxHead
+from isomax_jax.heads import IsoMaxHead as IsoMaxHead
+from isomax_jax.heads import IsoMaxPlusHead as IsoMaxPlusHead
+from isomax_jax.losses import dismax_fpr_augment as dismax_fpr_augment
+from isomax_jax.losses import dismax_fpr_loss as dismax_fpr_loss
+from isomax_jax.losses import fpr_mosaic as fpr_mosaic
+from isomax_jax.losses import fpr_targets as fpr_targets
+from isomax_jax.losses import isomax_loss as isomax_loss
+from isomax_jax.validation import validate_labels as validate_labels
+
 __version__ = "0.1.0"

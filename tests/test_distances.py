@@ -1,0 +1,223 @@
+"""Tests of isomax_jax.distances against independent NumPy float64 references."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from isomax_jax import distances
+from isomax_jax.distances import (
+    dismax_logits,
+    isomax_logits,
+    isomax_plus_logits,
+    l2_normalize,
+    pairwise_distance,
+)
+
+
+def np_distance(f, p):
+    f = np.asarray(f, np.float64)
+    p = np.asarray(p, np.float64)
+    return np.sqrt(((f[:, None, :] - p[None, :, :]) ** 2).sum(-1))
+
+
+def np_normalize(x):
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def np_isomax(f, p, t=1.0):
+    return -np_distance(f, p) / t
+
+
+def np_isomax_plus(f, p, s, t=1.0):
+    return -abs(float(s)) * np_distance(np_normalize(f), np_normalize(p)) / t
+
+
+def np_dismax(f, p, s, t=1.0):
+    d = abs(float(s)) * np_distance(np_normalize(f), np_normalize(p)) / math.sqrt(2.0)
+    return -(d + d.mean(1, keepdims=True)) / t
+
+
+def _inputs(seed, b=5, c=4, d=6, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.normal(size=(b, d)).astype(dtype),
+        rng.normal(size=(c, d)).astype(dtype),
+        np.array([rng.uniform(0.5, 3.0)], dtype),
+    )
+
+
+@pytest.mark.parametrize("method", ["exact", "matmul"])
+def test_pairwise_distance_matches_numpy(method):
+    f, p, _ = _inputs(0)
+    out = jax.jit(pairwise_distance, static_argnames="method")(f, p, method=method)
+    rtol = 1e-5 if method == "exact" else 1e-4
+    np.testing.assert_allclose(out, np_distance(f, p), rtol=rtol, atol=1e-6)
+
+
+def test_logits_match_numpy_float32():
+    f, p, s = _inputs(1)
+    np.testing.assert_allclose(
+        jax.jit(isomax_logits)(f, p, temperature=2.0), np_isomax(f, p, 2.0), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        jax.jit(isomax_plus_logits)(f, p, s, temperature=0.5),
+        np_isomax_plus(f, p, s[0], 0.5),
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(
+        jax.jit(dismax_logits)(f, p, s, temperature=3.0), np_dismax(f, p, s[0], 3.0), rtol=1e-5
+    )
+
+
+def test_logits_match_numpy_float64():
+    with jax.enable_x64(True):
+        f, p, s = _inputs(2, dtype=np.float64)
+        for out, ref in [
+            (isomax_logits(f, p), np_isomax(f, p)),
+            (isomax_plus_logits(f, p, -s), np_isomax_plus(f, p, s[0])),
+            (dismax_logits(f, p, s), np_dismax(f, p, s[0])),
+        ]:
+            assert out.dtype == jnp.float64
+            np.testing.assert_allclose(out, ref, rtol=1e-10, atol=0)
+
+
+def test_batched_equals_vmap():
+    rng = np.random.default_rng(3)
+    f = rng.normal(size=(3, 5, 6)).astype(np.float32)
+    _, p, s = _inputs(3)
+    batched = dismax_logits(f.reshape(15, 6), p, s).reshape(3, 5, 4)
+    mapped = jax.vmap(lambda x: dismax_logits(x, p, s))(f)
+    np.testing.assert_allclose(mapped, batched, rtol=1e-6)
+    per_row = jax.vmap(lambda x: isomax_logits(x[None], p)[0])(f[0])
+    np.testing.assert_allclose(per_row, isomax_logits(f[0], p), rtol=1e-6)
+
+
+@pytest.mark.parametrize("fn", ["isomax", "isomax_plus", "dismax"])
+def test_check_grads_float64(fn):
+    with jax.enable_x64(True):
+        f, p, s = _inputs(4, b=3, c=4, d=5, dtype=np.float64)
+        if fn == "isomax":
+            check_grads(lambda f, p: isomax_logits(f, p), (f, p), order=2, eps=1e-4)
+        elif fn == "isomax_plus":
+            check_grads(isomax_plus_logits, (f, p, s), order=2, eps=1e-4)
+        else:
+            check_grads(dismax_logits, (f, p, s), order=2, eps=1e-4)
+
+
+def test_gradient_zero_distance_is_zero_and_finite():
+    p = jnp.array([[1.0, 2.0], [0.0, 0.0]])
+    f = jnp.array([[1.0, 2.0]])  # exactly on prototype 0
+
+    def loss(f, p):
+        return jnp.sum(pairwise_distance(f, p)[:, 0])
+
+    grad_f, grad_p = jax.grad(loss, argnums=(0, 1))(f, p)
+    np.testing.assert_array_equal(grad_f, 0.0)
+    np.testing.assert_array_equal(grad_p, 0.0)
+    # IsoMax at init: zero prototypes and a zero feature row.
+    grads = jax.grad(lambda f, p: jnp.sum(isomax_logits(f, p)), argnums=(0, 1))(
+        jnp.zeros((2, 3)), jnp.zeros((4, 3))
+    )
+    for g in grads:
+        np.testing.assert_array_equal(g, 0.0)
+
+
+def test_all_zero_feature_row_has_finite_gradients():
+    f, p, s = _inputs(5)
+    f[1] = 0.0
+    for fn in (isomax_plus_logits, dismax_logits):
+        grads = jax.jit(
+            jax.grad(lambda f, p, s, fn=fn: jnp.sum(fn(f, p, s) ** 2), argnums=(0, 1, 2))
+        )(f, p, s)
+        for g in grads:
+            assert np.all(np.isfinite(g))
+    np.testing.assert_array_equal(l2_normalize(f)[1], 0.0)
+
+
+def test_distance_scale_gradient_zero_at_zero():
+    f, p, _ = _inputs(6)
+    grad = jax.grad(lambda s: jnp.sum(isomax_plus_logits(f, p, s)))(jnp.zeros(1))
+    np.testing.assert_array_equal(grad, 0.0)
+    grad = jax.grad(lambda s: jnp.sum(isomax_plus_logits(f, p, s)))(-jnp.ones(1))
+    ref = np_distance(np_normalize(f), np_normalize(p)).sum()
+    np.testing.assert_allclose(grad, [ref], rtol=1e-5)
+
+
+def test_forward_mode_matches_reverse_mode():
+    f, p, s = _inputs(7)
+    jac_fwd = jax.jit(jax.jacfwd(dismax_logits, argnums=(0, 1, 2)))(f, p, s)
+    jac_rev = jax.jit(jax.jacrev(dismax_logits, argnums=(0, 1, 2)))(f, p, s)
+    for a, b in zip(jac_fwd, jac_rev, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_inputs_give_float32():
+    f, p, s = _inputs(8)
+    out = isomax_plus_logits(f.astype(jnp.bfloat16), p.astype(jnp.bfloat16), s)
+    assert out.dtype == jnp.float32
+    ref = np_isomax_plus(
+        np.asarray(f.astype(jnp.bfloat16), np.float64),
+        np.asarray(p.astype(jnp.bfloat16), np.float64),
+        s[0],
+    )
+    np.testing.assert_allclose(out, ref, rtol=1e-5)
+
+
+def test_matmul_method_error_near_zero_distance():
+    """Documents the matmul form's loss of precision near d = 0 (float32, unit vectors)."""
+    rng = np.random.default_rng(9)
+    p = np_normalize(rng.normal(size=(8, 512))).astype(np.float32)
+    f = np.concatenate([p[:4], np_normalize(rng.normal(size=(4, 512)))]).astype(np.float32)
+    exact = pairwise_distance(f, p, method="exact")
+    matmul = pairwise_distance(f, p, method="matmul")
+    ref = np_distance(f, p)
+    np.testing.assert_allclose(exact, ref, rtol=1e-6, atol=1e-6)
+    near = np.abs(np.asarray(matmul) - ref)[np.arange(4), np.arange(4)]
+    far = np.abs(np.asarray(matmul) - ref)[4:]
+    assert np.all(np.asarray(exact)[np.arange(4), np.arange(4)] == 0.0)
+    assert far.max() < 1e-5
+    assert near.max() < 2e-3  # documented bound in `pairwise_distance`
+
+
+def test_exact_distance_memory_is_order_b_times_c():
+    """fwd+bwd temp memory of the exact head at B=256, C=1000, D=2048 vs an nn.Dense head."""
+    b, c, d = 256, 1000, 2048
+    f = jax.ShapeDtypeStruct((b, d), jnp.float32)
+    p = jax.ShapeDtypeStruct((c, d), jnp.float32)
+    s = jax.ShapeDtypeStruct((1,), jnp.float32)
+
+    def temp_bytes(fn, *args):
+        compiled = jax.jit(jax.grad(fn, argnums=tuple(range(len(args))))).lower(*args).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    dense = temp_bytes(lambda f, w: jnp.sum(jnp.tanh(f @ w.T)), f, p)
+    budget = dense + 16 * b * c * 4
+    assert temp_bytes(lambda f, p: jnp.sum(jnp.tanh(isomax_logits(f, p))), f, p) <= budget
+    assert temp_bytes(lambda f, p, s: jnp.sum(jnp.tanh(dismax_logits(f, p, s))), f, p, s) <= budget
+
+
+def test_bad_inputs():
+    f, p, s = _inputs(10)
+    with pytest.raises(ValueError, match=r"`features`.*\[batch, features\].*\(6,\)"):
+        isomax_logits(f[0], p)
+    with pytest.raises(ValueError, match=r"`prototypes` has shape \(4, 5\)"):
+        isomax_logits(f, p[:, :5])
+    with pytest.raises(TypeError, match="`features` must have a floating-point dtype"):
+        isomax_logits(f.astype(np.int32), p)
+    with pytest.raises(ValueError, match="`distance_scale`.*got \\(2,\\)"):
+        dismax_logits(f, p, np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="`method`"):
+        pairwise_distance(f, p, method="cdist")
+    with pytest.raises(ValueError, match="`features`"):
+        jax.jit(isomax_logits)(f[None], p)
+
+
+def test_safe_helpers():
+    assert float(jax.grad(distances.safe_sqrt)(0.0)) == 0.0
+    assert float(jax.grad(distances.safe_abs)(0.0)) == 0.0
+    assert float(jax.grad(distances.safe_abs)(3.0)) == 1.0
