@@ -21,6 +21,7 @@ Usage (from the repository root)::
 Any config field can be overridden, e.g. `--config.num_epochs=10 --config.runs=3`.
 """
 
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -40,10 +41,18 @@ config_flags.DEFINE_config_file("config", None, "Training configuration file.", 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietOrbax(std_logging.Filter):
+    """Drops Orbax's per-checkpoint INFO lines (a dozen per save) so progress lines stay legible."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.get_absl_handler().addFilter(_QuietOrbax())
     import jax
 
     from isomax_jax import distributed
