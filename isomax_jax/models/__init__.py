@@ -15,14 +15,16 @@ from collections.abc import Callable
 
 import flax.linen as nn
 
-from isomax_jax.models import resnet
+from isomax_jax.models import densenet, resnet, wide_resnet
 from isomax_jax.models.classifier import Classifier, SoftMaxHead
 
 #: name -> (backbone factory, feature dimension).
 BACKBONES: dict[str, tuple[Callable[[], nn.Module], int]] = {
+    "densenet_bc100": (densenet.densenet_bc100, 342),
     "resnet34": (resnet.resnet34, 512),
     "resnet110": (resnet.resnet110, 64),
     "small_resnet": (resnet.small_resnet, 128),
+    "wrn28_10": (wide_resnet.wrn28_10, 640),
 }
 
 HEADS: tuple[str, ...] = ("softmax", "isomax", "isomax_plus", "dismax")
