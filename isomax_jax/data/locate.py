@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import stat
 import tempfile
 from collections.abc import Sequence
 
@@ -63,7 +64,14 @@ def _is_writable(path: pathlib.Path) -> bool:
         if probe.parent == probe:
             return False
         probe = probe.parent
-    return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+    if not probe.is_dir():
+        return False
+    # Permission bits count even for root (who may write anywhere): a folder marked read-only,
+    # like a shared dataset directory, is never written to.
+    mode = probe.stat().st_mode
+    return bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)) and os.access(
+        probe, os.W_OK | os.X_OK
+    )
 
 
 def build_target(dirs: Sequence[pathlib.Path], build_dir=None) -> pathlib.Path | None:

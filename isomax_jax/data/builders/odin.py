@@ -74,8 +74,8 @@ def tiny_imagenet_test_images(path: pathlib.Path) -> Iterator[tuple[str, Image.I
 
 def downsample_2x(array: np.ndarray) -> np.ndarray:
     """uint8 ``[2H, 2W, C]`` -> ``[H, W, C]`` by the rounded mean of each 2x2 block."""
-    h, w, c = array.shape
-    blocks = array.reshape(h // 2, 2, w // 2, 2, c).astype(np.uint16).sum(axis=(1, 3))
+    a = array.astype(np.uint16)
+    blocks = a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]
     return ((blocks + 2) // 4).astype(np.uint8)
 
 
