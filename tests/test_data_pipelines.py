@@ -123,13 +123,14 @@ def test_train_processes_get_disjoint_shards(shared_tfds_dir):
     assert not set(k0) & set(k1)
 
 
-@pytest.mark.parametrize("process_count,batch_size", [(1, 512), (3, 3 * 64)])
-def test_eval_covers_split_exactly_once(shared_tfds_dir, cifar_test, process_count, batch_size):
+@pytest.mark.parametrize("process_count,batch_size,n", [(1, 512, 2_000), (3, 3 * 64, 10_000)])
+def test_eval_covers_split_exactly_once(shared_tfds_dir, cifar_test, process_count, batch_size, n):
     outs = [
         data.eval_dataset(
             "cifar10",
             in_distribution="cifar10",
             batch_size=batch_size,
+            split=f"test[:{n}]",
             data_dir=shared_tfds_dir,
             process_index=i,
             process_count=process_count,
@@ -139,7 +140,7 @@ def test_eval_covers_split_exactly_once(shared_tfds_dir, cifar_test, process_cou
     ]
     per = batch_size // process_count
     lengths = {len(o) for o in outs}
-    assert lengths == {int(np.ceil(np.ceil(10_000 / process_count) / per))}
+    assert lengths == {int(np.ceil(np.ceil(n / process_count) / per))}
     images, labels = [], []
     for o in outs:
         batches = list(o)
@@ -151,26 +152,34 @@ def test_eval_covers_split_exactly_once(shared_tfds_dir, cifar_test, process_cou
             images.append(b["image"][b["mask"]])
             labels.append(b["label"][b["mask"]])
     images, labels = np.concatenate(images), np.concatenate(labels)
-    assert images.shape[0] == 10_000
+    assert images.shape[0] == n
     mean, std = STATS["cifar10"]
-    expected = (cifar_test["image"].astype(np.float32) / 255 - mean) / std
+    ref_images, ref_labels = cifar_test["image"][:n], cifar_test["label"][:n]
     if process_count == 1:  # same order as the split: compare values directly
+        expected = (ref_images.astype(np.float32) / 255 - mean) / std
         np.testing.assert_allclose(images, expected, rtol=1e-6, atol=1e-6)
-        np.testing.assert_array_equal(labels, cifar_test["label"])
-    assert _keys(_unnormalise(images), labels) == _keys(cifar_test["image"], cifar_test["label"])
+        np.testing.assert_array_equal(labels, ref_labels)
+    assert _keys(_unnormalise(images), labels) == _keys(ref_images, ref_labels)
 
 
 def test_ood_set_uses_in_distribution_stats_and_minus_one_labels(shared_tfds_dir, cifar_test):
     batches = list(
         data.eval_dataset(
-            "cifar10", in_distribution="svhn", batch_size=2048, data_dir=shared_tfds_dir
+            "cifar10",
+            in_distribution="svhn",
+            batch_size=512,
+            split="test[:1000]",
+            data_dir=shared_tfds_dir,
         )
     )
     mask = np.concatenate([b["mask"] for b in batches])
     images = np.concatenate([b["image"] for b in batches])[mask]
     mean, std = STATS["svhn"]
     np.testing.assert_allclose(
-        images, (cifar_test["image"].astype(np.float32) / 255 - mean) / std, rtol=1e-6, atol=1e-6
+        images,
+        (cifar_test["image"][:1000].astype(np.float32) / 255 - mean) / std,
+        rtol=1e-6,
+        atol=1e-6,
     )
     assert (np.concatenate([b["label"] for b in batches]) == -1).all()
 
@@ -266,28 +275,39 @@ def test_missing_data_fails_fast_with_a_useful_message(tmp_path, monkeypatch):
     assert not (tmp_path / "a").exists() and not (tmp_path / "env_dir").exists()
 
 
+def _tiny_lsun_archive(manual):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    manual.mkdir()
+    with tarfile.open(manual / "LSUN_resize.tar.gz", "w:gz") as t:
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(buf, format="PNG")
+            info = tarfile.TarInfo(f"LSUN_resize/{i}.png")
+            info.size = len(buf.getvalue())
+            t.addfile(info, io.BytesIO(buf.getvalue()))
+
+
 def test_read_only_data_dir_builds_into_build_dir(shared_tfds_dir, tmp_path, monkeypatch):
-    read_only = tmp_path / "read_only"
+    manual, read_only, build = tmp_path / "manual", tmp_path / "read_only", tmp_path / "build"
+    _tiny_lsun_archive(manual)
     read_only.mkdir()
     read_only.chmod(0o555)  # like the shared dataset folder (respected even when run as root)
     monkeypatch.setenv("TFDS_DATA_DIR", str(read_only))  # the default is read-only too
+    kwargs = dict(in_distribution="cifar10", batch_size=8, manual_dir=manual)
     with pytest.raises(data.DataNotFoundError, match="no writable directory"):
-        data.eval_dataset(
-            "uniform_noise", in_distribution="cifar10", batch_size=8, data_dir=read_only
-        )
+        data.eval_dataset("lsun_resize", data_dir=read_only, **kwargs)
     assert list(read_only.iterdir()) == []
-    build = tmp_path / "build"
     ds = data.eval_dataset(
-        "uniform_noise",
-        in_distribution="cifar10",
-        batch_size=2048,
-        data_dir=[read_only, shared_tfds_dir],
-        build_dir=build,
+        "lsun_resize", data_dir=[read_only, shared_tfds_dir], build_dir=build, **kwargs
     )
-    assert len(ds) == 5 and (build / "isomax_uniform_noise").is_dir()
+    assert len(ds) == 1 and (build / "isomax_lsun_resize").is_dir()
     assert list(read_only.iterdir()) == []
     # a list [writable, read-only] searches the build directory first and finds the set
-    again = data.eval_dataset(
-        "uniform_noise", in_distribution="cifar10", batch_size=2048, data_dir=[build, read_only]
-    )
-    assert sum(b["mask"].sum() for b in again) == 10_000
+    again = list(data.eval_dataset("lsun_resize", data_dir=[build, read_only], **kwargs))
+    assert sum(b["mask"].sum() for b in again) == 3
+    raw = np.sort(_unnormalise(again[0]["image"][again[0]["mask"]])[:, 0, 0, 0])
+    np.testing.assert_array_equal(raw, [0, 40, 80])

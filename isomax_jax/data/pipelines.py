@@ -225,6 +225,7 @@ def eval_dataset(
     manual_dir: str | os.PathLike | None = None,
     build_dir: str | os.PathLike | None = None,
     download: bool = False,
+    split: str = "test",
     process_index: int | None = None,
     process_count: int | None = None,
     num_devices: int | None = None,
@@ -247,6 +248,7 @@ def eval_dataset(
       manual_dir: folder with the source archives of the OOD builders.
       build_dir: where missing OOD sets are built (default: first writable ``data_dir``).
       download: let tfds download a missing set (connected machines only).
+      split: tfds split expression; the OOD builders only have ``"test"``.
       process_index, process_count, num_devices: as in :func:`train_dataset`.
       prefetch: batches prepared ahead.
 
@@ -270,7 +272,7 @@ def eval_dataset(
         build_dir=build_dir,
         download=download,
     )
-    full = builder.as_dataset(split="test", shuffle_files=False)
+    full = builder.as_dataset(split=split, shuffle_files=False)
     n = int(full.cardinality())
     if n < 0:
         n = int(full.reduce(np.int64(0), lambda c, _: c + 1))
