@@ -1,0 +1,23 @@
+"""The README's usage example runs as written."""
+
+import pathlib
+import re
+
+import jax.numpy as jnp
+import numpy as np
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README has no python example"
+    namespace: dict = {}
+    exec(compile(blocks[0], str(README), "exec"), namespace)  # noqa: S102
+    score = np.asarray(namespace["ood_score"])
+    assert score.shape == (4,)
+    assert np.all(np.isfinite(score))
+    loss = namespace["loss_fn"](
+        namespace["params"], jnp.ones((2, 32, 32, 3)), jnp.array([0, 1], dtype=jnp.int32)
+    )
+    assert np.isfinite(float(loss))
