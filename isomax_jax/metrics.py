@@ -1,0 +1,347 @@
+"""Exact out-of-distribution detection metrics, on device, in two conventions.
+
+Scores follow one rule throughout: **higher = more in-distribution**. :func:`ood_metrics` returns
+``tnr_at_tpr``, ``fpr_at_tpr`` (``= 1 - tnr_at_tpr``), ``auroc``, ``aupr_in``, ``aupr_out`` and
+``detection_accuracy`` as fractions in [0, 1] (multiply by 100 only to format them, see
+:mod:`isomax_jax.tables`). Two conventions exist in the literature and give different numbers on
+the same scores (REFERENCE.md §3), so the convention is an explicit argument:
+
+* ``"reference"`` -- the IsoMax papers' ``calculate_log.py`` (inherited from the Mahalanobis code):
+  in-distribution is positive; a threshold sweeps upward through the sorted scores, removing one
+  score per step, and on a tie the in-distribution score is removed first (``n_in + n_out + 1``
+  points). ``tnr_at_tpr`` is the fraction of OOD inputs rejected at the sweep point whose
+  in-distribution acceptance rate is closest to ``tpr`` (the first such point of the sweep, i.e.
+  the largest FPR among equally close points). AUROC, AUPR-in and AUPR-out are the trapezoids with
+  the paddings of REFERENCE.md §3; with tied scores this AUROC counts ties as errors (it is the
+  probability that an in-distribution score is *strictly* above an OOD one).
+* ``"openood"`` -- OpenOOD v1.5: OOD is positive and the score is negated; scikit-learn's
+  ``roc_curve`` (``drop_intermediate=True``) and ``precision_recall_curve``, where tied scores form
+  one point. ``fpr_at_tpr`` is the fraction of *in-distribution* inputs flagged as OOD at the first
+  point of scikit-learn's (thinned) ROC curve where at least ``tpr`` of the OOD inputs are caught;
+  this is a different operating point from the reference one. AUROC counts ties as 1/2; AUPR-in /
+  AUPR-out are scikit-learn ``auc(recall, precision)`` of the in-positive / OOD-positive curves.
+
+In both conventions ``detection_accuracy`` is the best mean of the two per-class accuracies over the
+convention's curve.
+
+Everything is exact and sort-based: scores are mapped to order-preserving integer keys (``-0.0`` and
+``+0.0`` are equal), sorted, and all counts are integers; memory is O(n_in + n_out). Scores are
+computed in float32 at least (bfloat16/float16 are upcast) and in float64 when given float64 with
+``jax_enable_x64``. The function is ``jax.jit``-able (``convention`` is static; ``tpr`` may be a
+Python float or a traced scalar) and ``jax.vmap``-able, so one call evaluates a stack of OOD sets
+padded to one length with ``out_mask``.
+
+Bad input: with concrete (non-traced) inputs, an empty or fully masked score set, a NaN/inf among
+the unmasked scores or ``tpr`` outside (0, 1) raise ``ValueError``; integer/bool scores raise
+``TypeError`` and non-1-D scores or masks of the wrong shape ``ValueError`` (also under ``jit``).
+Under ``jit``/``vmap`` the value checks cannot raise, so **every** metric is NaN instead.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+CONVENTIONS = ("reference", "openood")
+METRIC_NAMES = (
+    "tnr_at_tpr",
+    "fpr_at_tpr",
+    "auroc",
+    "aupr_in",
+    "aupr_out",
+    "detection_accuracy",
+)
+
+
+def _prepare(scores, mask, name: str, mask_name: str):
+    """Checks static properties; returns (float scores >= float32, bool mask)."""
+    scores = jnp.asarray(scores)
+    if not jnp.issubdtype(scores.dtype, jnp.floating):
+        raise TypeError(f"{name} must have a floating dtype, got {scores.dtype}")
+    if scores.ndim != 1:
+        raise ValueError(f"{name} must be 1-D [n], got shape {scores.shape}")
+    if scores.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {scores.shape}); need at least one score")
+    scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+    if mask is None:
+        mask = jnp.ones(scores.shape, dtype=bool)
+    else:
+        mask = jnp.asarray(mask)
+        if mask.shape != scores.shape:
+            raise ValueError(
+                f"{mask_name} must have the shape of {name} {scores.shape}, got {mask.shape}"
+            )
+        mask = mask != 0
+    return scores, mask
+
+
+def _is_concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _check_values(scores, mask, name: str, mask_name: str) -> None:
+    s, m = np.asarray(scores), np.asarray(mask)
+    if not m.any():
+        raise ValueError(f"{name} has no unmasked score ({mask_name} is all False)")
+    bad = m & ~np.isfinite(s)
+    if bad.any():
+        raise ValueError(
+            f"{name} has {int(bad.sum())} non-finite (NaN/inf) unmasked scores, "
+            f"first at index {int(np.argmax(bad))}"
+        )
+
+
+def _check_tpr(tpr) -> None:
+    if _is_concrete(tpr):
+        t = np.asarray(tpr)
+        if t.shape != () or not np.issubdtype(t.dtype, np.floating) or not 0.0 < float(t) < 1.0:
+            raise ValueError(f"tpr must be a float scalar in (0, 1), got {tpr!r}")
+
+
+def _sort_keys(scores: jax.Array, valid: jax.Array) -> jax.Array:
+    """Order-preserving integer keys of float scores; masked entries get the largest key."""
+    itype = jnp.int64 if scores.dtype == jnp.float64 else jnp.int32
+    imax = jnp.iinfo(itype).max
+    scores = jnp.where(scores == 0, jnp.zeros_like(scores), scores)  # -0.0 -> +0.0
+    bits = lax.bitcast_convert_type(scores, itype)
+    keys = jnp.where(bits < 0, bits ^ imax, bits)  # negative floats: reverse their order
+    return jnp.where(valid, keys, imax)
+
+
+def _safe_div(num, den, empty):
+    """num / den, and ``empty`` where den == 0."""
+    ok = den != 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1), empty)
+
+
+def _ieee_div(num, den):
+    """num / den (num >= 0) with true IEEE division, for decisions that must match NumPy.
+
+    XLA rewrites ``x / broadcast(d)`` into ``x * (1 / d)``, which can differ in the last bit
+    (and flip a tie such as |4/5 - 0.9| vs |5/5 - 0.9|). Routing the denominator through a
+    data-dependent select (always true here) keeps it from being seen as a broadcast.
+    """
+    num, den = jnp.broadcast_arrays(num, den)
+    return num / jnp.where(num >= 0, den, jnp.nan)
+
+
+def _closest_count(n_in, tpr, dtype):
+    """Number k of accepted in-distribution scores whose k / n_in is closest to tpr.
+
+    Among equally close counts the largest wins (the reference sweep starts at k = n_in and
+    ``argmin`` returns the first minimum). Distances are the reference's ``|k / n_in - tpr|``
+    with IEEE division, so ties from rounding resolve as in NumPy (exactly so in float64).
+    """
+    base = jnp.floor(tpr * n_in).astype(jnp.int32)
+    ks = jnp.clip(base + jnp.arange(-1, 3, dtype=jnp.int32), 0, n_in)
+    dist = jnp.abs(_ieee_div(ks.astype(dtype), n_in.astype(dtype)) - tpr)
+    return jnp.max(jnp.where(dist == jnp.min(dist), ks, -1))
+
+
+def _first_count_reaching(n, tpr, dtype):
+    """Smallest count t in [0, n] with ``t / n >= tpr`` (IEEE division, as scikit-learn's
+    ``tps / tps[-1] >= tpr``); n + 1 if none (tpr > 1)."""
+    base = jnp.ceil(tpr * n).astype(jnp.int32)
+    ts = jnp.clip(base + jnp.arange(-2, 3, dtype=jnp.int32), 0, n)
+    ok = _ieee_div(ts.astype(dtype), n.astype(dtype)) >= tpr
+    return jnp.min(jnp.where(ok, ts, n + 1))
+
+
+def _reference(in_keys, out_keys, n_in, n_out, tpr, dtype):
+    """Reference sweep (REFERENCE.md §3), from per-sample counts instead of the explicit sweep.
+
+    With I, O the sorted scores: in-sample j (0-based) is removed when ``lt[j] = #{O < I[j]}``
+    OOD scores have been removed (tie: in first). Its removal is the only step that moves TPR,
+    so AUROC and AUPR-in are sums over in-samples; OOD removals are the only steps that move
+    FPR, so AUPR-out is a sum over OOD samples.
+    """
+    in_sorted = lax.sort(in_keys)
+    out_sorted = lax.sort(out_keys)
+    ni, no = in_sorted.shape[0], out_sorted.shape[0]
+    # le[i] = #{valid I <= O[i]}; lt[j] = #{i : le[i] <= j} = #{valid O < I[j]}.
+    le = jnp.searchsorted(in_sorted, out_sorted, side="right").astype(jnp.int32)
+    out_ok = jnp.arange(no) < n_out
+    in_ok = jnp.arange(ni) < n_in
+    hist = jnp.zeros(ni + 1, jnp.int32).at[le].add(out_ok.astype(jnp.int32))
+    lt = jnp.cumsum(hist)[:ni]
+
+    f = functools.partial(jnp.asarray, dtype=dtype)
+    nin, nout = f(n_in), f(n_out)
+    j = jnp.arange(ni, dtype=jnp.int32)
+    tp = f(n_in - j)  # accepted in-distribution scores just before I[j] is removed
+    fp = f(n_out - lt)  # accepted OOD scores at that moment
+    auroc = jnp.sum(jnp.where(in_ok, f(lt) / nout, 0)) / nin
+    dtacc = 0.5 * jnp.maximum(1.0, jnp.max(jnp.where(in_ok, tp / nin + f(lt) / nout, 0)))
+    prec_before = _safe_div(tp, tp + fp, 0.0)
+    prec_after = _safe_div(tp - 1, tp - 1 + fp, 0.0)  # tp + fp == 0: dropped, pad 0 at recall 0
+    aupr_in = jnp.sum(jnp.where(in_ok, 0.5 * (prec_before + prec_after), 0)) / nin
+    i = f(jnp.arange(no))  # OOD scores removed before O[i]
+    c = f(le)  # in-distribution scores removed before O[i]
+    q_before = _safe_div(i, c + i, 0.0)  # first sweep point is dropped, pad 0 at recall 0
+    q_after = (i + 1) / (c + i + 1)
+    aupr_out = jnp.sum(jnp.where(out_ok, 0.5 * (q_before + q_after), 0)) / nout
+
+    k = _closest_count(n_in, tpr, dtype)
+    fp_at = jnp.where(k == n_in, n_out, n_out - lt[jnp.clip(n_in - k - 1, 0, ni - 1)])
+    fpr = f(fp_at) / nout
+    return dict(tnr_at_tpr=1.0 - fpr, fpr_at_tpr=fpr, auroc=auroc, aupr_in=aupr_in,
+                aupr_out=aupr_out, detection_accuracy=dtacc)  # fmt: skip
+
+
+def _openood(in_keys, out_keys, n_in, n_out, tpr, dtype):
+    """OpenOOD / scikit-learn curves over groups of tied scores.
+
+    Groups are the distinct values of the merged sorted scores (ascending = OOD-positive
+    thresholds of ``-score`` in scikit-learn's descending order). At the last position p of a
+    group with value v: ``F = #{in <= v}`` and ``T = p + 1 - F = #{out <= v}``.
+    """
+    merged = lax.sort(jnp.concatenate([in_keys, out_keys]))
+    in_sorted = lax.sort(in_keys)
+    n = merged.shape[0]
+    n_valid = n_in + n_out
+    pos = jnp.arange(n, dtype=jnp.int32)
+    nxt = jnp.concatenate([merged[1:], merged[-1:]])
+    end = (pos < n_valid) & ((pos == n_valid - 1) | (merged != nxt))
+    # #{in <= v} at group ends, without a 2n-query search: for in-sample j, a_j = #{all <= I[j]}
+    # is the group end + 1 of its value, so #{in <= merged[p]} = #{j : a_j <= p + 1}.
+    a = jnp.searchsorted(merged, in_sorted, side="right").astype(jnp.int32)
+    in_ok = jnp.arange(in_sorted.shape[0]) < n_in
+    hist = jnp.zeros(n + 1, jnp.int32).at[a].add(in_ok.astype(jnp.int32))
+    cum_in = jnp.cumsum(hist)[1:]  # cum_in[p] = #{j : a_j <= p + 1}
+
+    # Last group end before p (-1 if none) and first group end after p (n if none).
+    prev_end = jnp.concatenate([jnp.array([-1], jnp.int32), lax.cummax(jnp.where(end, pos, -1))])
+    prev_end = prev_end[:-1]
+    next_end = lax.cummin(jnp.where(end, pos, n), reverse=True)
+    next_end = jnp.concatenate([next_end, jnp.array([n], jnp.int32)])[1:]
+    has_prev, has_next = prev_end >= 0, next_end < n
+    F = cum_in
+    T = pos + 1 - F
+    F_prev = jnp.where(has_prev, F[jnp.clip(prev_end, 0, n - 1)], 0)
+    T_prev = jnp.where(has_prev, prev_end + 1 - F_prev, 0)
+    F_next = F[jnp.clip(next_end, 0, n - 1)]
+    T_next = next_end + 1 - F_next
+    dF, dT = F - F_prev, T - T_prev
+    # scikit-learn roc_curve(drop_intermediate=True): keep the first and last points and every
+    # point where the step to it differs from the step after it (np.diff(., 2) != 0).
+    kept = end & (~has_prev | ~has_next | (dF != F_next - F) | (dT != T_next - T))
+
+    f = functools.partial(jnp.asarray, dtype=dtype)
+    nin, nout = f(n_in), f(n_out)
+    hit = kept & (T >= _first_count_reaching(n_out, tpr, dtype))
+    fp_at = jnp.min(jnp.where(hit, F, jnp.iinfo(jnp.int32).max))  # F grows along the curve
+    fpr = jnp.where(jnp.any(hit), f(fp_at) / nin, jnp.nan)
+
+    auroc = jnp.sum(jnp.where(end, (f(dF) / nin) * (f(T + T_prev) / (2 * nout)), 0))
+    dtacc = 0.5 * jnp.maximum(1.0, jnp.max(jnp.where(end, f(T) / nout + 1 - f(F) / nin, 0)))
+    # AUPR-in: in positive, thresholds descending; the point of group g has precision
+    # #{in >= v} / #{all >= v}; the curve ends at (recall 0, precision 1).
+    prec_g = f(n_in - F_prev) / f(n_valid - (prev_end + 1))
+    prec_up = _safe_div(f(n_in - F), f(n_valid - (pos + 1)), 1.0)
+    aupr_in = jnp.sum(jnp.where(end, (f(dF) / nin) * 0.5 * (prec_g + prec_up), 0))
+    # AUPR-out: OOD positive on -score, thresholds ascending in score.
+    q_g = f(T) / f(pos + 1)
+    q_down = _safe_div(f(T_prev), f(prev_end + 1), 1.0)
+    aupr_out = jnp.sum(jnp.where(end, (f(dT) / nout) * 0.5 * (q_g + q_down), 0))
+    return dict(tnr_at_tpr=1.0 - fpr, fpr_at_tpr=fpr, auroc=auroc, aupr_in=aupr_in,
+                aupr_out=aupr_out, detection_accuracy=dtacc)  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames="convention")
+def _ood_metrics(in_scores, out_scores, in_mask, out_mask, tpr, *, convention):
+    dtype = jnp.result_type(in_scores, out_scores)
+    in_scores, out_scores = in_scores.astype(dtype), out_scores.astype(dtype)
+    tpr = jnp.asarray(tpr, dtype)
+    n_in = jnp.sum(in_mask, dtype=jnp.int32)
+    n_out = jnp.sum(out_mask, dtype=jnp.int32)
+    finite = jnp.all(jnp.isfinite(in_scores) | ~in_mask) & jnp.all(
+        jnp.isfinite(out_scores) | ~out_mask
+    )
+    ok = finite & (n_in > 0) & (n_out > 0) & (tpr > 0) & (tpr < 1)
+    n_in_safe, n_out_safe = jnp.maximum(n_in, 1), jnp.maximum(n_out, 1)
+    impl = _reference if convention == "reference" else _openood
+    out = impl(
+        _sort_keys(in_scores, in_mask),
+        _sort_keys(out_scores, out_mask),
+        n_in_safe,
+        n_out_safe,
+        tpr,
+        dtype,
+    )
+    # Clipping only removes last-bit rounding (e.g. 1 - fpr = -1e-17); NaN stays NaN.
+    return {k: jnp.where(ok, jnp.clip(out[k], 0, 1), jnp.nan).astype(dtype) for k in METRIC_NAMES}
+
+
+def ood_metrics(
+    in_scores: jax.typing.ArrayLike,
+    out_scores: jax.typing.ArrayLike,
+    *,
+    convention: str = "reference",
+    tpr: float | jax.typing.ArrayLike = 0.95,
+    in_mask: jax.typing.ArrayLike | None = None,
+    out_mask: jax.typing.ArrayLike | None = None,
+) -> dict[str, jax.Array]:
+    """Exact OOD detection metrics of one in-distribution and one OOD score set.
+
+    Higher scores mean "more in-distribution". See the module docstring for the two conventions;
+    in words, the operating points are:
+
+    * ``"reference"``: ``tnr_at_tpr`` is the fraction of OOD inputs rejected when (the sweep
+      point closest to) a fraction ``tpr`` of the in-distribution inputs is accepted;
+      ``fpr_at_tpr`` the fraction of OOD inputs accepted there.
+    * ``"openood"``: ``fpr_at_tpr`` is the fraction of in-distribution inputs wrongly flagged
+      as OOD at the first point of scikit-learn's ROC curve where a fraction ``tpr`` of the OOD
+      inputs is flagged; ``tnr_at_tpr`` the fraction of in-distribution inputs kept there.
+
+    Args:
+      in_scores: [n_in] float scores of in-distribution inputs.
+      out_scores: [n_out] float scores of OOD inputs.
+      convention: ``"reference"`` (the IsoMax papers) or ``"openood"`` (OpenOOD v1.5 /
+        scikit-learn); static under ``jit``.
+      tpr: target true-positive rate in (0, 1); a Python float or a (possibly traced) scalar.
+      in_mask: optional [n_in] bool (or 0/1) mask; False marks padding, excluded exactly.
+      out_mask: optional [n_out] mask, likewise.
+
+    Returns:
+      A dict with float scalars ``tnr_at_tpr``, ``fpr_at_tpr``, ``auroc``, ``aupr_in``,
+      ``aupr_out``, ``detection_accuracy`` (fractions, dtype float32 or float64). Under ``jit``
+      or ``vmap``, invalid values (NaN/inf unmasked scores, an all-masked set, ``tpr`` outside
+      (0, 1)) give NaN for every metric.
+
+    Raises:
+      TypeError: non-floating scores.
+      ValueError: non-1-D or empty scores, a mask of another shape, an unknown convention; with
+        concrete inputs also NaN/inf unmasked scores, all entries masked, ``tpr`` outside (0, 1).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from isomax_jax.metrics import ood_metrics
+      >>> ins = jnp.array([0.9, 0.8, 0.7, 0.4])
+      >>> outs = jnp.array([0.1, 0.4, 0.5])
+      >>> ref = ood_metrics(ins, outs, tpr=0.75)  # keep 3 of 4 in: rejects 1 of 3 OOD
+      >>> round(float(ref["tnr_at_tpr"]), 4), round(float(ref["auroc"]), 4)
+      (0.3333, 0.8333)
+      >>> oo = ood_metrics(ins, outs, tpr=0.75, convention="openood")  # catch 3 of 3 OOD
+      >>> round(float(oo["fpr_at_tpr"]), 4), round(float(oo["auroc"]), 4)  # tie counts 1/2
+      (0.25, 0.875)
+      >>> # Several OOD sets padded to one length: vmap with masks.
+      >>> outs2 = jnp.stack([jnp.array([0.1, 0.4, 0.5, 0.0]), jnp.array([0.95, 0.2, 0.0, 0.0])])
+      >>> masks = jnp.array([[True, True, True, False], [True, True, False, False]])
+      >>> many = jax.vmap(lambda o, m: ood_metrics(ins, o, out_mask=m))(outs2, masks)
+      >>> many["auroc"].round(4).tolist()
+      [0.8333, 0.5]
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    in_s, in_m = _prepare(in_scores, in_mask, "in_scores", "in_mask")
+    out_s, out_m = _prepare(out_scores, out_mask, "out_scores", "out_mask")
+    _check_tpr(tpr)
+    if _is_concrete(in_s, in_m):
+        _check_values(in_s, in_m, "in_scores", "in_mask")
+    if _is_concrete(out_s, out_m):
+        _check_values(out_s, out_m, "out_scores", "out_mask")
+    return _ood_metrics(in_s, out_s, in_m, out_m, tpr, convention=convention)
