@@ -250,6 +250,8 @@ def test_bad_arguments():
         data.train_dataset("cifar10", batch_size=10, seed=0, process_index=0, process_count=4)
     with pytest.raises(ValueError, match="batch_size=0"):
         data.train_dataset("cifar10", batch_size=0, seed=0)
+    with pytest.raises(ValueError, match="seed=None"):
+        data.train_dataset("cifar10", batch_size=8, seed=None)
     with pytest.raises(ValueError, match="process_index=2"):
         data.train_dataset("cifar10", batch_size=8, seed=0, process_index=2, process_count=2)
 

@@ -188,6 +188,8 @@ def train_dataset(
       DataNotFoundError: the data is not available offline (the message says where it looked).
     """
     _check_name("name", name, TRAIN_NAMES)
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed={seed!r} must be an int in [0, 2**63)")
     index, count = _process_layout(process_index, process_count)
     per_process = _per_process_batch(batch_size, count, num_devices)
     builder = load_builder(name, (TRAIN_SOURCES[name],), data_dir=data_dir, download=download)
