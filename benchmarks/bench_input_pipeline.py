@@ -96,9 +96,7 @@ def main() -> None:
 
     pipe, first = pipeline_rate(args.data_dir, args.batch_size, args.num_batches)
     step = step_rate(args.batch_size, args.num_steps)
-    print(
-        f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, {jax.devices()}"
-    )
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, {jax.devices()}")
     print(f"batch size {args.batch_size}")
     print(
         f"input pipeline (CIFAR-10, crop+flip, normalise): {pipe:10.0f} images/s  "
