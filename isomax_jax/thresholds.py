@@ -1,0 +1,202 @@
+"""Deployment thresholds: classify single inputs as in-distribution or OOD.
+
+The most frequent question from users of the reference code is how to turn a score into a
+decision for one input. The answer (REFERENCE.md §3): fit a threshold on *in-distribution
+validation* scores at a target true-positive rate, and store it with the model.
+:func:`fit_threshold` does the first; :class:`OODDetector` is the small serialisable object
+(score name + threshold + target TPR + metric convention) that classifies single inputs or batches
+from logits and can be saved next to a checkpoint as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from isomax_jax import metrics as _metrics
+from isomax_jax import scores as _scores
+
+SCORE_NAMES = ("max_probability", "entropic", "min_distance", "mmls", "mmles", "energy")
+_FORMAT = "isomax_jax.OODDetector/1"
+
+
+@jax.jit
+def _fit(scores, mask, tpr):
+    dtype = scores.dtype
+    tpr = jnp.asarray(tpr, dtype)
+    n = jnp.sum(mask, dtype=jnp.int32)
+    ok = jnp.all(jnp.isfinite(scores) | ~mask) & (n > 0) & (tpr > 0) & (tpr < 1)
+    m = _metrics._first_count_reaching(jnp.maximum(n, 1), tpr, dtype)  # accept >= m of n
+    ascending = jnp.sort(jnp.where(mask, scores, -jnp.inf))  # padding first
+    threshold = ascending[jnp.clip(scores.shape[0] - m, 0, scores.shape[0] - 1)]
+    return jnp.where(ok, threshold, jnp.nan)
+
+
+def fit_threshold(
+    in_scores: jax.typing.ArrayLike,
+    *,
+    tpr: float | jax.typing.ArrayLike = 0.95,
+    in_mask: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+    """Threshold that accepts a fraction ``tpr`` of in-distribution validation inputs.
+
+    An input is classified in-distribution when ``score >= threshold``. The threshold is the
+    ``m``-th largest validation score, with ``m`` the smallest count such that ``m / n >= tpr``:
+    the largest threshold that accepts at least ``tpr`` of the ``n`` validation scores (exactly
+    ``m`` of them without ties; ties at the threshold are all accepted).
+
+    Args:
+      in_scores: [n] float in-distribution validation scores (higher = more in-distribution).
+      tpr: target fraction of in-distribution inputs to accept, in (0, 1).
+      in_mask: optional [n] mask; False marks padding.
+
+    Returns:
+      A float scalar (float32, or float64 for float64 input with x64). Under ``jit``, NaN for
+      NaN/inf unmasked scores, an all-masked set or ``tpr`` outside (0, 1).
+
+    Raises:
+      TypeError, ValueError: as :func:`isomax_jax.metrics.ood_metrics` for the same inputs.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from isomax_jax.thresholds import fit_threshold
+      >>> fit_threshold(jnp.arange(20.0), tpr=0.95)  # 19 of 20 scores are >= 1
+      Array(1., dtype=float32)
+    """
+    scores, mask = _metrics._prepare(in_scores, in_mask, "in_scores", "in_mask")
+    _metrics._check_tpr(tpr)
+    if _metrics._is_concrete(scores, mask):
+        _metrics._check_values(scores, mask, "in_scores", "in_mask")
+    return _fit(scores, mask, tpr)
+
+
+@dataclasses.dataclass(frozen=True)
+class OODDetector:
+    """A fitted OOD detector: one score function and one threshold.
+
+    ``is_in_distribution(logits)`` is ``score(logits) >= threshold``. Create it with
+    :meth:`fit` on in-distribution validation logits, save it with :meth:`to_json` (or
+    :meth:`to_dict` inside a checkpoint's metadata) and restore it with :meth:`from_json`.
+
+    Attributes:
+      score: name of a function of :mod:`isomax_jax.scores` (``"entropic"``, ``"mmles"``, ...).
+      threshold: scores ``>=`` this are in-distribution.
+      tpr: the in-distribution acceptance rate the threshold was fitted for.
+      convention: metric convention (``"reference"`` or ``"openood"``) that :meth:`evaluate`
+        uses to report this detector's numbers on labelled data.
+    """
+
+    score: str
+    threshold: float
+    tpr: float = 0.95
+    convention: str = "reference"
+
+    def __post_init__(self):
+        if self.score not in SCORE_NAMES:
+            raise ValueError(f"score must be one of {SCORE_NAMES}, got {self.score!r}")
+        if self.convention not in _metrics.CONVENTIONS:
+            raise ValueError(
+                f"convention must be one of {_metrics.CONVENTIONS}, got {self.convention!r}"
+            )
+        object.__setattr__(self, "threshold", float(self.threshold))
+        object.__setattr__(self, "tpr", float(self.tpr))
+        if not math.isfinite(self.threshold):
+            raise ValueError(f"threshold must be finite, got {self.threshold}")
+        if not 0.0 < self.tpr < 1.0:
+            raise ValueError(f"tpr must be in (0, 1), got {self.tpr}")
+
+    @classmethod
+    def fit(
+        cls,
+        score: str,
+        logits: jax.typing.ArrayLike,
+        *,
+        tpr: float = 0.95,
+        convention: str = "reference",
+        mask: jax.typing.ArrayLike | None = None,
+    ) -> OODDetector:
+        """Fits the threshold on in-distribution validation logits [n, num_classes]."""
+        if score not in SCORE_NAMES:
+            raise ValueError(f"score must be one of {SCORE_NAMES}, got {score!r}")
+        values = getattr(_scores, score)(logits)
+        threshold = fit_threshold(values, tpr=tpr, in_mask=mask)
+        return cls(score=score, threshold=float(threshold), tpr=tpr, convention=convention)
+
+    def scores(self, logits: jax.typing.ArrayLike) -> jax.Array:
+        """Scores of one input ([num_classes] -> scalar) or a batch ([B, C] -> [B])."""
+        logits = jnp.asarray(logits)
+        if logits.ndim == 1:
+            return getattr(_scores, self.score)(logits[None])[0]
+        if logits.ndim != 2:
+            raise ValueError(
+                f"logits must be [num_classes] or [batch, num_classes], got shape {logits.shape}"
+            )
+        return getattr(_scores, self.score)(logits)
+
+    def is_in_distribution(self, logits: jax.typing.ArrayLike) -> jax.Array:
+        """Bool, scalar for one input ([C]) or [B] for a batch: ``score >= threshold``.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> from isomax_jax.thresholds import OODDetector
+          >>> det = OODDetector(score="max_probability", threshold=0.9)
+          >>> det.is_in_distribution(jnp.array([5.0, 0.0, 0.0]))  # p_max = 0.987
+          Array(True, dtype=bool)
+          >>> det.is_in_distribution(jnp.array([[5.0, 0.0], [0.1, 0.0]])).tolist()
+          [True, False]
+        """
+        return self.scores(logits) >= self.threshold
+
+    def is_ood(self, logits: jax.typing.ArrayLike) -> jax.Array:
+        """Bool: ``score < threshold`` (the negation of :meth:`is_in_distribution`)."""
+        return jnp.logical_not(self.is_in_distribution(logits))
+
+    def evaluate(
+        self, in_logits: jax.typing.ArrayLike, out_logits: jax.typing.ArrayLike
+    ) -> dict[str, jax.Array]:
+        """:func:`isomax_jax.metrics.ood_metrics` of this score, convention and tpr."""
+        return _metrics.ood_metrics(
+            self.scores(in_logits),
+            self.scores(out_logits),
+            convention=self.convention,
+            tpr=self.tpr,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-compatible dict (the threshold is a Python float: exact round trip)."""
+        return {"format": _FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OODDetector:
+        data = dict(data)
+        fmt = data.pop("format", _FORMAT)
+        if fmt != _FORMAT:
+            raise ValueError(f"unknown detector format {fmt!r}, expected {_FORMAT!r}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ValueError(
+                f"unknown detector fields {sorted(unknown)}; expected {sorted(fields)}"
+            )
+        return cls(**data)
+
+    def to_json(self) -> str:
+        """JSON text, e.g. to store next to a checkpoint.
+
+        Example:
+          >>> from isomax_jax.thresholds import OODDetector
+          >>> det = OODDetector(score="entropic", threshold=-0.25, tpr=0.95)
+          >>> OODDetector.from_json(det.to_json()) == det
+          True
+        """
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> OODDetector:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,162 @@
+"""Tests of isomax_jax.thresholds: fit_threshold and the serialisable OODDetector."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from isomax_jax import scores
+from isomax_jax.metrics import ood_metrics
+from isomax_jax.thresholds import SCORE_NAMES, OODDetector, fit_threshold
+
+PAD = 256
+TPRS = (0.95, 0.5, 0.9, 0.99, 0.05)
+
+
+def numpy_threshold(x, tpr):
+    """Loop reference: the largest observed value t with mean(x >= t) >= tpr (float32 rule)."""
+    x = np.asarray(x, np.float32)
+    n = len(x)
+    m = next(m for m in range(1, n + 1) if np.float32(m) / np.float32(n) >= np.float32(tpr))
+    return np.sort(x)[::-1][m - 1]
+
+
+def _cases():
+    rng = np.random.default_rng(0)
+    return {
+        "continuous": rng.normal(size=200),
+        "tied": rng.normal(size=150).round(1),
+        "n20": rng.normal(size=20),
+        "one": np.array([0.3]),
+        "constant": np.full(7, -2.0),
+        "three": np.array([1.0, -0.0, 0.0]),
+    }
+
+
+CASES = _cases()
+
+
+@pytest.fixture(scope="module")
+def batched():
+    """All cases padded (NaN padding) and masked, vmapped over cases and tpr: one compilation."""
+    rng = np.random.default_rng(1)
+    vals, masks = [], []
+    for name in sorted(CASES):
+        x = CASES[name]
+        perm = rng.permutation(PAD)
+        vals.append(np.r_[x, np.full(PAD - len(x), np.nan)][perm])
+        masks.append(np.r_[np.ones(len(x), bool), np.zeros(PAD - len(x), bool)][perm])
+    vals.append(np.r_[np.nan, np.ones(PAD - 1)])  # NaN among real scores
+    masks.append(np.ones(PAD, bool))
+    vals.append(np.ones(PAD))  # all masked
+    masks.append(np.zeros(PAD, bool))
+    f = jax.vmap(lambda s, m, t: fit_threshold(s, tpr=t, in_mask=m), in_axes=(0, 0, None))
+    f = jax.jit(jax.vmap(f, in_axes=(None, None, 0)))
+    tprs = jnp.asarray(TPRS + (1.0,), jnp.float32)
+    return np.asarray(
+        f(jnp.asarray(np.stack(vals), jnp.float32), jnp.asarray(np.stack(masks)), tprs)
+    )
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=sorted(CASES))
+def test_fit_threshold_equals_numpy(batched, index):
+    x = CASES[sorted(CASES)[index]].astype(np.float32)
+    for t_index, tpr in enumerate(TPRS):
+        got = batched[t_index, index]
+        assert got == numpy_threshold(x, tpr), tpr
+        frac = lambda t: np.float32(np.sum(x >= t)) / np.float32(len(x))  # noqa: E731
+        assert frac(got) >= np.float32(tpr)
+        higher = x[x > got]  # any larger threshold accepts fewer than tpr
+        if higher.size:
+            assert frac(higher.min()) < np.float32(tpr)
+    assert np.isnan(batched[-1, index])  # tpr = 1.0 under jit
+
+
+def test_fit_threshold_bad_values_nan_under_jit(batched):
+    assert np.all(np.isnan(batched[:, len(CASES) :]))
+
+
+def test_fit_threshold_eager_exact_count():
+    x = jnp.asarray(CASES["n20"], jnp.float32)
+    t = fit_threshold(x, tpr=0.95)
+    assert int(jnp.sum(x >= t)) == 19
+    assert t.dtype == jnp.float32 and t.shape == ()
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(in_scores=jnp.array([1, 2])), TypeError, "floating"),
+        (dict(in_scores=jnp.ones((2, 2))), ValueError, r"1-D .*\(2, 2\)"),
+        (dict(in_scores=jnp.array([jnp.nan, 1.0])), ValueError, "non-finite"),
+        (dict(in_mask=jnp.zeros(3, bool)), ValueError, "no unmasked"),
+        (dict(tpr=1.2), ValueError, "tpr must be"),
+    ],
+)
+def test_fit_threshold_bad_input(kwargs, err, match):
+    args = dict(in_scores=jnp.array([0.1, 0.2, 0.3])) | kwargs
+    with pytest.raises(err, match=match):
+        fit_threshold(args.pop("in_scores"), **args)
+
+
+def _logits(seed, n, c=5, scale=3.0):
+    return jax.random.normal(jax.random.key(seed), (n, c)) * scale
+
+
+@pytest.mark.parametrize("score", SCORE_NAMES)
+def test_detector_fit_and_classify(score):
+    val, test = _logits(0, 64), _logits(1, 8)
+    det = OODDetector.fit(score, val, tpr=0.9)
+    fn = getattr(scores, score)
+    assert det.threshold == float(fit_threshold(fn(val), tpr=0.9))
+    assert float(jnp.mean(fn(val) >= det.threshold)) >= 0.9
+    batch = det.is_in_distribution(test)
+    np.testing.assert_array_equal(np.asarray(batch), np.asarray(fn(test) >= det.threshold))
+    for i in range(3):  # one input [C] at a time
+        single = det.is_in_distribution(test[i])
+        assert single.shape == () and bool(single) == bool(batch[i])
+        assert bool(det.is_ood(test[i])) != bool(single)
+
+
+def test_detector_serialisation_round_trip():
+    det = OODDetector.fit("entropic", _logits(2, 32), tpr=0.95, convention="openood")
+    text = det.to_json()
+    back = OODDetector.from_json(text)
+    assert back == det and back.threshold == det.threshold  # exact float round trip
+    assert json.loads(text)["format"] == "isomax_jax.OODDetector/1"
+    assert OODDetector.from_dict(det.to_dict()) == det
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (dict(score="softmax", threshold=0.5), "score must be one of"),
+        (dict(score="entropic", threshold=float("nan")), "threshold must be finite"),
+        (dict(score="entropic", threshold=0.5, tpr=1.0), "tpr must be in"),
+        (dict(score="entropic", threshold=0.5, convention="sk"), "convention must be one of"),
+        (dict(score="entropic", threshold=0.5, extra=1), "unknown detector fields"),
+        (dict(score="entropic", threshold=0.5, format="other/2"), "unknown detector format"),
+    ],
+)
+def test_detector_bad_input(data, match):
+    with pytest.raises(ValueError, match=match):
+        OODDetector.from_dict(data)
+
+
+def test_detector_bad_logits_shape():
+    det = OODDetector(score="mmles", threshold=0.0)
+    with pytest.raises(ValueError, match=r"\[num_classes\] or \[batch, num_classes\]"):
+        det.is_in_distribution(jnp.ones((2, 3, 4)))
+
+
+def test_detector_evaluate_matches_ood_metrics():
+    det = OODDetector(score="max_probability", threshold=0.5, tpr=0.9, convention="openood")
+    ins, outs = _logits(3, 64, scale=4.0), _logits(4, 32, scale=1.0)
+    got = det.evaluate(ins, outs)
+    want = ood_metrics(
+        scores.max_probability(ins), scores.max_probability(outs), convention="openood", tpr=0.9
+    )
+    for k in want:
+        assert float(got[k]) == float(want[k]), k
