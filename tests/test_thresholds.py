@@ -102,7 +102,7 @@ def test_fit_threshold_bad_input(kwargs, err, match):
 
 
 def _logits(seed, n, c=5, scale=3.0):
-    return jax.random.normal(jax.random.key(seed), (n, c)) * scale
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(n, c)) * scale, jnp.float32)
 
 
 @pytest.mark.parametrize("score", SCORE_NAMES)
