@@ -1,7 +1,6 @@
 """Train / eval pipelines: values, determinism, multi-process sharding, padding, errors, offline."""
 
 import hashlib
-import time
 
 import numpy as np
 import pytest
@@ -262,16 +261,13 @@ def test_missing_data_fails_fast_with_a_useful_message(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tfds.download.DownloadManager, "download", no_download)
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "env_dir"))
-    start = time.monotonic()
     with pytest.raises(data.DataNotFoundError) as info:
         data.train_dataset(
             "cifar100", batch_size=8, seed=0, data_dir=[tmp_path / "a", tmp_path / "b"]
         )
-    elapsed = time.monotonic() - start
     message = str(info.value)
     for part in ("cifar100", str(tmp_path / "a"), str(tmp_path / "b"), "download=True"):
         assert part in message, part
-    assert elapsed < 60, elapsed  # generous: no download retry loop (tfds's would take ~200 s)
     with pytest.raises(data.DataNotFoundError, match=str(tmp_path / "env_dir")):
         data.eval_dataset("svhn", in_distribution="cifar10", batch_size=8)  # $TFDS_DATA_DIR used
     assert not (tmp_path / "a").exists() and not (tmp_path / "env_dir").exists()
