@@ -93,3 +93,20 @@ def test_incomplete_distributed_config_is_rejected(env, match):
 
     with pytest.raises(ValueError, match=match):
         distributed.initialize(env=env)
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, False),
+        ({"SLURM_NTASKS": "1"}, False),
+        ({"SLURM_NTASKS": "4"}, True),
+        ({"OMPI_COMM_WORLD_SIZE": "2"}, True),
+        ({"TPU_WORKER_HOSTNAMES": "host0"}, False),
+        ({"TPU_WORKER_HOSTNAMES": "host0,host1"}, True),
+    ],
+)
+def test_cluster_launchers_are_detected(env, expected):
+    from isomax_jax import distributed
+
+    assert distributed._cluster_detected(env) is expected

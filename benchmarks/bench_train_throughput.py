@@ -1,0 +1,306 @@
+"""Training throughput (images/s) on this CPU: the JAX train step vs the PyTorch twin.
+
+Each measurement runs in its own subprocess (XLA flags are read once per process), pinned to the
+same CPUs as the others and with the same thread count, and the JAX and PyTorch measurements
+alternate in rounds so that load from other processes hits both alike. Reported: median step
+time over the timed steps (after one warm-up/compile step), images/s, the JAX/PyTorch ratio of
+each round, and the spread over rounds (the noise).
+
+The step is the full training step of the papers' recipe: forward in train mode (BatchNorm batch
+statistics), IsoMax loss (entropic scale 10), backward, SGD Nesterov momentum 0.9 with weight
+decay 1e-4. JAX: ``isomax_jax.train.train_step`` under ``jax.jit`` (state donated), NHWC.
+PyTorch: ``tests/parity/torch_models.py`` + ``robust_deep_learning.IsoMaxLossSecondPart`` +
+``torch.optim.SGD``, NCHW (or channels-last).
+
+Usage (a few minutes with the defaults)::
+
+    python benchmarks/bench_train_throughput.py
+    python benchmarks/bench_train_throughput.py --models small_resnet --rounds 3 \\
+        --jax-variants default,onednn,no_xnnpack,eigen_single --torch-variants nchw,channels_last
+    python benchmarks/bench_train_throughput.py --conv   # one 3x3 conv layer, fwd+bwd, layouts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: XLA:CPU configurations tried (flags from this jaxlib's DebugOptions; see the closing notes).
+JAX_VARIANTS = {
+    "default": "",
+    "onednn": "--xla_cpu_use_onednn=true",
+    "no_xnnpack": "--xla_cpu_use_xnnpack=false",
+    "xnn_graph": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+    "eigen_single": "--xla_cpu_multi_thread_eigen=false",
+    "fast_math": "--xla_cpu_enable_fast_math=true",
+}
+TORCH_VARIANTS = ("nchw", "channels_last")
+DEFAULT_STEPS = {"small_resnet": 6, "resnet34": 3}
+
+
+def _pin(threads: int) -> None:
+    cpus = sorted(os.sched_getaffinity(0))[:threads]
+    os.sched_setaffinity(0, cpus)
+
+
+def _jax_child(model_name: str, batch: int, steps: int) -> dict:
+    import jax
+    import numpy as np
+
+    from isomax_jax import models, train
+
+    model = models.get_model(model_name, num_classes=10, head="isomax")
+    state = train.create_train_state(
+        model,
+        key=jax.random.key(0),
+        tx=train.reference_optimizer(0.1),
+        loss=train.LossConfig("isomax"),
+    )
+    rng = np.random.default_rng(0)
+    data = {
+        "image": jax.device_put(rng.normal(size=(batch, 32, 32, 3)).astype(np.float32)),
+        "label": jax.device_put(rng.integers(0, 10, batch).astype(np.int32)),
+    }
+    step = jax.jit(train.train_step, donate_argnums=0)
+    t0 = time.perf_counter()
+    state, metrics = step(state, data)
+    jax.block_until_ready(metrics)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, data)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    return {"first_step_s": first, "times": times}
+
+
+def _torch_child(model_name: str, batch: int, steps: int, variant: str, threads: int) -> dict:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.Tensor.cuda = lambda self, *a, **k: self  # the reference loss calls .cuda()
+    import robust_deep_learning as rdl
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from parity import torch_models
+
+    torch.manual_seed(0)
+    model = torch_models.build(model_name, num_classes=10, head="isomax").train()
+    criterion = rdl.IsoMaxLossSecondPart(model.classifier)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.normal(size=(batch, 3, 32, 32)).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(0, 10, batch)).long()
+    if variant == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = criterion(model(images), labels)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"first_step_s": first, "times": times}
+
+
+def _conv_child(framework: str, batch: int, steps: int, threads: int) -> dict:
+    """One 3x3 conv, 64->64 channels at 32x32, forward + both gradients, per layout and dtype."""
+    import numpy as np
+
+    shape_nhwc, results = (batch, 32, 32, 64), {}
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape_nhwc).astype(np.float32)
+    w = (rng.normal(size=(3, 3, 64, 64)) * 0.05).astype(np.float32)
+
+    def timed(fn):
+        fn()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    if framework == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        for layout, dims, xt, wt in [
+            ("NHWC", ("NHWC", "HWIO", "NHWC"), x, w),
+            ("NCHW", ("NCHW", "OIHW", "NCHW"), x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1)),
+        ]:
+            for dtype in ("float32", "bfloat16"):
+
+                def loss(xx, ww, dims=dims):
+                    y = jax.lax.conv_general_dilated(
+                        xx, ww, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims
+                    )
+                    return jnp.sum(y.astype(jnp.float32) ** 2)
+
+                grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+                xa, wa = jnp.asarray(xt, dtype), jnp.asarray(wt, dtype)
+                results[f"{layout}/{dtype}"] = timed(
+                    lambda g=grad, a=xa, b=wa: jax.block_until_ready(g(a, b))
+                )
+    else:
+        import torch
+
+        torch.set_num_threads(threads)
+        for layout in ("NCHW", "channels_last"):
+            for dtype in ("float32", "bfloat16"):
+                tdtype = getattr(torch, dtype)
+                xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(tdtype)
+                wt = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).to(tdtype)
+                if layout == "channels_last":
+                    xt = xt.contiguous(memory_format=torch.channels_last)
+                    wt = wt.contiguous(memory_format=torch.channels_last)
+                xt.requires_grad_(True)
+                wt.requires_grad_(True)
+
+                def fwd_bwd(xt=xt, wt=wt):
+                    y = torch.nn.functional.conv2d(xt, wt, padding=1)
+                    (y.float() ** 2).sum().backward()
+
+                results[f"{layout}/{dtype}"] = timed(fwd_bwd)
+    return {"times_s": results}
+
+
+def _child(args) -> None:
+    _pin(args.threads)
+    if args.child == "conv-jax":
+        out = _conv_child("jax", args.batch, args.steps, args.threads)
+    elif args.child == "conv-torch":
+        out = _conv_child("torch", args.batch, args.steps, args.threads)
+    elif args.child == "jax":
+        out = _jax_child(args.model, args.batch, args.steps)
+    else:
+        out = _torch_child(args.model, args.batch, args.steps, args.variant, args.threads)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def _run(kind, *, model="", variant="", batch, steps, threads, timeout) -> dict | None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = JAX_VARIANTS.get(variant, "") if kind == "jax" else ""
+    env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--model", model]
+    cmd += ["--variant", variant, "--batch", str(batch), "--steps", str(steps)]
+    cmd += ["--threads", str(threads)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"  {kind} {model} {variant}: timed out after {timeout} s", flush=True)
+        return None
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    print(f"  {kind} {model} {variant} failed:\n{proc.stderr[-2000:]}", flush=True)
+    return None
+
+
+def _spread(values):
+    if len(values) < 2:
+        return "n/a"
+    med = statistics.median(values)
+    return f"±{100 * (max(values) - min(values)) / 2 / med:.0f}%"
+
+
+def _bench_models(args) -> None:
+    for model in args.models.split(","):
+        steps = args.steps or DEFAULT_STEPS.get(model, 3)
+        ips = {}  # (framework, variant) -> [images/s per round]
+        ratios = {}  # jax variant -> [ratio to torch default per round]
+        print(f"\n== {model}, batch {args.batch}, {args.threads} thread(s), {steps} timed steps")
+        for r in range(args.rounds):
+            torch_ref = None
+            for tv in args.torch_variants.split(","):
+                res = _run("torch", model=model, variant=tv, batch=args.batch, steps=steps,
+                           threads=args.threads, timeout=args.timeout)  # fmt: skip
+                if res:
+                    v = args.batch / statistics.median(res["times"])
+                    ips.setdefault(("torch", tv), []).append(v)
+                    torch_ref = v if torch_ref is None else torch_ref
+                    print(f"  round {r} torch/{tv}: {v:7.1f} img/s "
+                          f"(first step {res['first_step_s']:.1f} s)", flush=True)  # fmt: skip
+            for jv in args.jax_variants.split(","):
+                res = _run("jax", model=model, variant=jv, batch=args.batch, steps=steps,
+                           threads=args.threads, timeout=args.timeout)  # fmt: skip
+                if res:
+                    v = args.batch / statistics.median(res["times"])
+                    ips.setdefault(("jax", jv), []).append(v)
+                    if torch_ref:
+                        ratios.setdefault(jv, []).append(v / torch_ref)
+                    first = res["first_step_s"]
+                    print(f"  round {r} jax/{jv}: {v:7.1f} img/s "
+                          f"(compile+first step {first:.1f} s)", flush=True)  # fmt: skip
+        print(f"-- {model} summary (median over {args.rounds} rounds; spread = half range)")
+        print(f"   {'config':<22}{'img/s':>9}{'spread':>9}{'JAX/torch':>11}")
+        for (fw, var), vals in ips.items():
+            ratio = ""
+            if fw == "jax" and var in ratios:
+                ratio = f"{statistics.median(ratios[var]):.2f}x"
+            print(f"   {fw + '/' + var:<22}{statistics.median(vals):9.1f}{_spread(vals):>9}"
+                  f"{ratio:>11}")  # fmt: skip
+
+
+def _bench_conv(args) -> None:
+    steps = args.steps or 5
+    print(f"\n== one 3x3 conv 64->64, 32x32, batch {args.batch}, fwd + grads, "
+          f"{args.threads} thread(s), median of {steps}")  # fmt: skip
+    for r in range(args.rounds):
+        for kind in ("conv-torch", "conv-jax"):
+            res = _run(kind, batch=args.batch, steps=steps, threads=args.threads,
+                       timeout=args.timeout)  # fmt: skip
+            if res:
+                cells = ", ".join(f"{k} {1e3 * t:.0f} ms" for k, t in res["times_s"].items())
+                print(f"  round {r} {kind[5:]}: {cells}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="small_resnet,resnet34")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=0, help="timed steps (0: per-model default)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--jax-variants", default="default,onednn")
+    parser.add_argument("--torch-variants", default="nchw")
+    parser.add_argument("--conv", action="store_true", help="single-conv layout/dtype benchmark")
+    parser.add_argument("--timeout", type=int, default=600)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args)
+        return
+    print(f"CPUs available: {len(os.sched_getaffinity(0))}, load average {os.getloadavg()}")
+    if args.conv:
+        _bench_conv(args)
+    else:
+        _bench_models(args)
+
+
+if __name__ == "__main__":
+    main()
