@@ -3,7 +3,6 @@
 Big models are only traced abstractly (``jax.eval_shape``); real forwards use ``small_resnet``.
 """
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +10,6 @@ import pytest
 
 from isomax_jax import heads
 from isomax_jax.models import BACKBONES, HEADS, SoftMaxHead, feature_dim, get_model
-from isomax_jax.models.layers import batch_norm, conv
 from isomax_jax.models.resnet import BasicBlock
 
 PAPER_BACKBONE_PARAMS = {
@@ -94,9 +92,19 @@ def test_small_resnet_forward_train_and_eval():
         )
         one = model.apply(variables, images[:1])
         stats = (variables["batch_stats"], updates["batch_stats"])
-        return logits, features, head_logits, stats, stem, one
+        return logits, features, head_logits, stats, stem, one, variables["params"]
 
-    logits, features, head_logits, (old, new), stem, one = run(jax.random.key(0), images)
+    logits, features, head_logits, (old, new), stem, one, params = run(jax.random.key(0), images)
+    # Initialisers: Kaiming normal (not truncated), fan_out = 3 * 3 * 128, ReLU gain; BN 1 / 0.
+    kernel = np.asarray(params["backbone"]["layer3_0"]["conv2"]["kernel"])
+    std = np.sqrt(2.0 / (3 * 3 * 128))
+    assert kernel.shape == (3, 3, 128, 128)
+    assert kernel.std() == pytest.approx(std, rel=0.01)
+    assert abs(kernel.mean()) < 0.01 * std
+    assert np.abs(kernel).max() > 3.5 * std  # a truncated normal would stop at 2 std
+    np.testing.assert_array_equal(params["backbone"]["layer3_0"]["bn2"]["scale"], np.ones(128))
+    np.testing.assert_array_equal(params["backbone"]["layer3_0"]["bn2"]["bias"], np.zeros(128))
+    np.testing.assert_array_equal(params["classifier"]["distance_scale"], np.ones(1))
     assert logits.shape == (8, 10) and features.shape == (8, 128)
     assert np.all(np.isfinite(logits)) and np.all(np.isfinite(features))
     # The head applied to the returned features gives the returned logits.
@@ -114,24 +122,7 @@ def test_small_resnet_forward_train_and_eval():
     )
 
 
-def test_initialisers():
-    class Probe(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            x = conv(64, 3, name="conv")(x)
-            return batch_norm(train=False, name="bn")(x)
-
-    variables = jax.jit(Probe().init)(jax.random.key(0), jnp.zeros((1, 4, 4, 16)))
-    kernel = np.asarray(variables["params"]["conv"]["kernel"])
-    assert kernel.shape == (3, 3, 16, 64)
-    # Kaiming normal (not truncated), fan_out = 3 * 3 * 64, ReLU gain: std sqrt(2 / 576).
-    std = np.sqrt(2.0 / 576)
-    assert kernel.std() == pytest.approx(std, rel=0.03)
-    assert abs(kernel.mean()) < 0.03 * std
-    assert np.abs(kernel).max() > 3.0 * std  # a truncated normal would stop at 2 std
-    np.testing.assert_array_equal(variables["params"]["bn"]["scale"], np.ones(64))
-    np.testing.assert_array_equal(variables["params"]["bn"]["bias"], np.zeros(64))
-
+def test_zero_init_last_bn():
     # ResNet-34's blocks start with the last BN scale at zero; the others at one.
     block = BasicBlock(8, stride=2, shortcut="projection", zero_init_last_bn=True)
     params = jax.jit(lambda k, x: block.init(k, x, train=False))(

@@ -1,11 +1,14 @@
 """CIFAR backbones of the IsoMax papers with a choice of head.
 
-Example:
+Example (shapes only, with ``jax.eval_shape``; ``model.init`` / ``model.apply`` give values):
   >>> import jax, jax.numpy as jnp
   >>> from isomax_jax.models import get_model
-  >>> model = get_model("small_resnet", num_classes=10, head="isomax")
-  >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-  >>> model.apply(variables, jnp.zeros((4, 32, 32, 3)), train=False).shape
+  >>> model = get_model("densenet_bc100", num_classes=10, head="isomax")
+  >>> images = jnp.zeros((4, 32, 32, 3))
+  >>> variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  >>> variables["params"]["classifier"]["prototypes"].shape
+  (10, 342)
+  >>> jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images).shape
   (4, 10)
 """
 

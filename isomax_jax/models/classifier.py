@@ -71,10 +71,11 @@ class Classifier(nn.Module):
       >>> from isomax_jax.models import get_model
       >>> model = get_model("small_resnet", num_classes=10, head="isomax_plus")
       >>> images = jnp.zeros((2, 32, 32, 3))
-      >>> variables = model.init(jax.random.key(0), images)
-      >>> sorted(variables)
-      ['batch_stats', 'params']
-      >>> logits, features = model.apply(variables, images, return_features=True)
+      >>> variables = jax.eval_shape(model.init, jax.random.key(0), images)  # or model.init
+      >>> sorted(variables), sorted(variables["params"])
+      (['batch_stats', 'params'], ['backbone', 'classifier'])
+      >>> apply = lambda v, x: model.apply(v, x, train=False, return_features=True)
+      >>> logits, features = jax.eval_shape(apply, variables, images)  # or apply(...)
       >>> logits.shape, features.shape
       ((2, 10), (2, 128))
     """
