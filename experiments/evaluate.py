@@ -63,15 +63,21 @@ def ood_table(
     return table
 
 
-def _forward_fn(apply_fn, mesh):
+def forward_fns(models: Mapping[str, tuple[Any, Any]], mesh: Any) -> dict[str, Any]:
+    """Per model, `jit(apply)(variables, images) -> logits` in inference mode, batch split on
+    the mesh's data axis and logits replicated (so every process gets the whole batch)."""
     from isomax_jax import parallel
 
     rep = parallel.replicated(mesh)
-    return jax.jit(
-        lambda variables, images: apply_fn(variables, images, train=False),
-        in_shardings=(rep, parallel.batch_sharded(mesh)),
-        out_shardings=rep,
-    )
+
+    def make(apply_fn):
+        return jax.jit(
+            lambda variables, images: apply_fn(variables, images, train=False),
+            in_shardings=(rep, parallel.batch_sharded(mesh)),
+            out_shardings=rep,
+        )
+
+    return {key: make(apply_fn) for key, (apply_fn, _) in models.items()}
 
 
 def collect_logits(
@@ -79,6 +85,9 @@ def collect_logits(
     dataset: str,
     config: Any,
     mesh: Any,
+    *,
+    build_dir: str | None = None,
+    forwards: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Logits of every model on `dataset` (real examples only) and the labels.
 
@@ -87,13 +96,17 @@ def collect_logits(
       dataset: a name accepted by `isomax_jax.data.eval_dataset`.
       config: the experiment config (dataset, eval_batch_size, max_eval_examples, data dirs).
       mesh: the data mesh (`isomax_jax.parallel.data_mesh()`).
+      build_dir: where a missing OOD set is built (default `config.build_dir`, else the first
+        writable data directory).
+      forwards: the compiled forward passes from `forward_fns` (built if not given).
 
     Returns:
       `({key: float32 [N, C]}, int [N] labels)`, N capped by `config.max_eval_examples` > 0.
     """
     from isomax_jax import data, parallel
 
-    forwards = {key: _forward_fn(apply_fn, mesh) for key, (apply_fn, _) in models.items()}
+    if forwards is None:
+        forwards = forward_fns(models, mesh)
     # Masks and labels of all processes, replicated, so every process sees the whole set.
     gather = jax.jit(lambda tree: tree, out_shardings=parallel.replicated(mesh))
     cap = config.max_eval_examples if config.max_eval_examples > 0 else None
@@ -103,6 +116,7 @@ def collect_logits(
         batch_size=config.eval_batch_size,
         data_dir=config.data_dir or None,
         manual_dir=config.manual_dir or None,
+        build_dir=build_dir or config.build_dir or None,
     )
     outs: dict[str, list[np.ndarray]] = {key: [] for key in models}
     labels, n_real, start = [], 0, time.time()
@@ -167,7 +181,10 @@ def evaluate_models(
     from isomax_jax import distributed, parallel
 
     mesh = parallel.data_mesh() if mesh is None else mesh
+    # Never let a missing OOD set be built into the (possibly shared, read-only) data_dir.
+    build_dir = config.build_dir or os.path.join(workdir, "data")
     models = {_run_key(t["loss"], t["seed"]): (t["apply_fn"], t["variables"]) for t in trained}
+    forwards = forward_fns(models, mesh)
     runs = {
         _run_key(t["loss"], t["seed"]): {
             "loss": t["loss"],
@@ -182,7 +199,9 @@ def evaluate_models(
     plot_scores: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     all_logits: dict[str, dict[str, np.ndarray]] = {key: {} for key in models}
 
-    in_logits, labels = collect_logits(models, config.dataset, config, mesh)
+    in_logits, labels = collect_logits(
+        models, config.dataset, config, mesh, build_dir=build_dir, forwards=forwards
+    )
     in_scores = {}
     for key, run in runs.items():
         logits = in_logits[key]
@@ -194,7 +213,9 @@ def evaluate_models(
             plot_scores.setdefault(run["loss"], {})[config.dataset] = in_scores[key]
         logging.info("test accuracy %-14s %.2f %%", key, 100 * run["accuracy"])
     for ood in config.ood_datasets:
-        out_logits, _ = collect_logits(models, ood, config, mesh)
+        out_logits, _ = collect_logits(
+            models, ood, config, mesh, build_dir=build_dir, forwards=forwards
+        )
         for key, run in runs.items():
             all_logits[key][ood] = out_logits[key]
             out_scores = compute_scores(out_logits[key], APPLICABLE_SCORES[run["loss"]])

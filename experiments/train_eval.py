@@ -9,6 +9,7 @@ models are evaluated together and the report is written (`experiments.evaluate`)
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -26,8 +28,19 @@ DATASETS = {"cifar10": (10, 50_000), "cifar100": (100, 50_000), "svhn": (10, 73_
 
 
 def training_plan(config: Any) -> dict[str, Any]:
-    """Steps per epoch, total steps and the learning-rate milestones (in steps) of `config`."""
+    """Steps per epoch, total steps and the learning-rate milestones (in steps) of `config`.
+
+    An epoch is `ceil(num_examples / batch_size)` steps, as the reference's PyTorch loader (the
+    tfds stream repeats before batching, so no example is dropped at epoch ends). Milestones are
+    `config.lr_boundaries` (fractions) of the total, e.g. 150/200/250 of 300 epochs.
+    """
     _, num_examples = DATASETS[config.dataset]
+    if config.train_split != "train":
+        from isomax_jax import data
+
+        num_examples = data.num_examples(
+            config.dataset, split=config.train_split, data_dir=config.data_dir or None
+        )
     steps_per_epoch = math.ceil(num_examples / config.batch_size)
     if config.num_train_steps > 0:
         total = int(config.num_train_steps)
@@ -66,7 +79,13 @@ def initial_state(config: Any, *, loss: str, seed: int):
         entropic_scale=config.entropic_scale,
         fpr=bool(config.dismax_fpr) and loss == "dismax",
     )
-    state = train.create_train_state(model, key=jax.random.key(seed), tx=tx, loss=loss_config)
+    # create_train_state's own init runs op by op (tens of seconds on CPU); a jitted init with
+    # the same key split gives the same variables in one compilation.
+    key = jax.random.key(seed)
+    init_key, _ = jax.random.split(key)
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = init(init_key, jnp.zeros((1, 32, 32, 3), jnp.float32))
+    state = train.create_train_state(model, key=key, tx=tx, loss=loss_config, variables=variables)
     return state, schedule, plan
 
 
@@ -75,20 +94,18 @@ def _run_dir(workdir: str, loss: str, seed: int) -> str:
 
 
 def _train_batches(config: Any, seed: int):
-    """Host-local training batches, endlessly (each process reads its own shard)."""
+    """Host-local training batches, endless (each process reads its own shard)."""
     from isomax_jax import data
 
-    local_batch = config.batch_size // jax.process_count()
-    epoch = 0
-    while True:
-        ds = data.train_dataset(
+    return iter(
+        data.train_dataset(
             config.dataset,
-            batch_size=local_batch,
-            seed=seed + 1000 * epoch,
+            batch_size=config.batch_size,  # global; each process gets batch_size // processes
+            seed=seed,
             data_dir=config.data_dir or None,
+            split=config.train_split,
         )
-        yield from ds
-        epoch += 1
+    )
 
 
 def train_one(config: Any, workdir: str, *, loss: str, seed: int, run: int, mesh: Any) -> dict:
@@ -132,7 +149,7 @@ def train_one(config: Any, workdir: str, *, loss: str, seed: int, run: int, mesh
             n_timed, n_log = n_timed + 1, n_log + 1
         done = step + 1
         if done % config.checkpoint_every_steps == 0:
-            ckpt.save(state)
+            ckpt.save(jax.device_get(state))  # host copy: Orbax's first device save is slow
         if done % config.log_every_steps == 0 or done == total:
             fetched = jax.device_get(pending)
             last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
@@ -152,7 +169,7 @@ def train_one(config: Any, workdir: str, *, loss: str, seed: int, run: int, mesh
             pending, t_log, n_log = [], time.time(), 0
     jax.block_until_ready(state)
     t_end = time.time()
-    ckpt.save(state, force=True)
+    ckpt.save(jax.device_get(state), force=True)
     ckpt.close()
     if writer is not None:
         writer.close()
@@ -198,7 +215,15 @@ def restore_trained(config: Any, workdir: str, *, loss: str, seed: int, run: int
     from isomax_jax import checkpointing, parallel
 
     run_dir = _run_dir(workdir, loss, seed)
-    state, _, plan = initial_state(config, loss=loss, seed=seed)
+    mesh = parallel.data_mesh()
+    # Only shapes are needed to restore (no slow random initialisation): the abstract state,
+    # restored straight into replicated arrays on the mesh.
+    plan = training_plan(config)
+    abstract = jax.eval_shape(lambda: initial_state(config, loss=loss, seed=seed)[0])
+    rep = parallel.replicated(mesh)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract
+    )
     ckpt = checkpointing.RunCheckpointer(run_dir, save_every_steps=config.checkpoint_every_steps)
     step = ckpt.latest_step()
     if step is None:
@@ -207,10 +232,8 @@ def restore_trained(config: Any, workdir: str, *, loss: str, seed: int, run: int
         )
     if step != plan["total_steps"]:
         logging.warning("%s: checkpoint at step %d of %d", run_dir, step, plan["total_steps"])
-    state = ckpt.restore_latest(state)
+    state = ckpt.restore_latest(abstract)
     ckpt.close()
-    mesh = parallel.data_mesh()
-    state = parallel.replicate_state(state, mesh)
     info = _read_train_info(run_dir) or {"steps": step, "epochs": step / plan["steps_per_epoch"]}
     return {
         "loss": loss,

@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     # What is trained.
     config.model = "small_resnet"
     config.dataset = "cifar10"
+    config.train_split = "train"  # a tfds split expression, e.g. "train[:45000]"
     config.losses = ("softmax", "isomax", "isomax_plus")
     config.entropic_scale = 10.0
     config.dismax_fpr = False
@@ -59,6 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Data locations: "" means TFDS_DATA_DIR, else tfds's default.
     config.data_dir = ""
     config.manual_dir = ""
+    # Where missing OOD sets are built (from manual_dir, or generated); "" = <workdir>/data.
+    config.build_dir = ""
     # Logging and checkpoints.
     config.log_every_steps = 50
     config.checkpoint_every_steps = 500
