@@ -27,7 +27,10 @@ convention's curve.
 Everything is exact and sort-based: scores are mapped to order-preserving integer keys (``-0.0`` and
 ``+0.0`` are equal), sorted, and all counts are integers; memory is O(n_in + n_out). Scores are
 computed in float32 at least (bfloat16/float16 are upcast) and in float64 when given float64 with
-``jax_enable_x64``. The function is ``jax.jit``-able (``convention`` is static; ``tpr`` may be a
+``jax_enable_x64``. The few decisions that compare a rate with ``tpr`` (``k / n`` closest to
+``tpr``; first ``k / n >= tpr``) use IEEE division in the working dtype, exactly as NumPy does in
+float64; in float32 a rate within float32 rounding of ``tpr`` can resolve the other way than the
+float64 reference code. The function is ``jax.jit``-able (``convention`` is static; ``tpr`` may be a
 Python float or a traced scalar) and ``jax.vmap``-able, so one call evaluates a stack of OOD sets
 padded to one length with ``out_mask``.
 
@@ -84,15 +87,17 @@ def _is_concrete(*xs) -> bool:
 
 
 def _check_values(scores, mask, name: str, mask_name: str) -> None:
-    s, m = np.asarray(scores), np.asarray(mask)
-    if not m.any():
+    """Eager value checks, reduced on device (two scalars reach the host)."""
+    n_valid, n_bad = (int(v) for v in _count_valid_bad(scores, mask))
+    if n_valid == 0:
         raise ValueError(f"{name} has no unmasked score ({mask_name} is all False)")
-    bad = m & ~np.isfinite(s)
-    if bad.any():
-        raise ValueError(
-            f"{name} has {int(bad.sum())} non-finite (NaN/inf) unmasked scores, "
-            f"first at index {int(np.argmax(bad))}"
-        )
+    if n_bad:
+        raise ValueError(f"{name} has {n_bad} non-finite (NaN/inf) unmasked scores")
+
+
+@jax.jit
+def _count_valid_bad(scores, mask):
+    return jnp.sum(mask, dtype=jnp.int32), jnp.sum(mask & ~jnp.isfinite(scores), dtype=jnp.int32)
 
 
 def _check_tpr(tpr) -> None:

@@ -11,6 +11,7 @@ from logits and can be saved next to a checkpoint as JSON.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -24,6 +25,11 @@ from isomax_jax import scores as _scores
 
 SCORE_NAMES = ("max_probability", "entropic", "min_distance", "mmls", "mmles", "energy")
 _FORMAT = "isomax_jax.OODDetector/1"
+
+
+@functools.partial(jax.jit, static_argnames="score")
+def _apply_score(logits, *, score):
+    return getattr(_scores, score)(logits)
 
 
 @jax.jit
@@ -124,7 +130,7 @@ class OODDetector:
         """Fits the threshold on in-distribution validation logits [n, num_classes]."""
         if score not in SCORE_NAMES:
             raise ValueError(f"score must be one of {SCORE_NAMES}, got {score!r}")
-        values = getattr(_scores, score)(logits)
+        values = _apply_score(jnp.asarray(logits), score=score)
         threshold = fit_threshold(values, tpr=tpr, in_mask=mask)
         return cls(score=score, threshold=float(threshold), tpr=tpr, convention=convention)
 
@@ -132,12 +138,12 @@ class OODDetector:
         """Scores of one input ([num_classes] -> scalar) or a batch ([B, C] -> [B])."""
         logits = jnp.asarray(logits)
         if logits.ndim == 1:
-            return getattr(_scores, self.score)(logits[None])[0]
+            return _apply_score(logits[None], score=self.score)[0]
         if logits.ndim != 2:
             raise ValueError(
                 f"logits must be [num_classes] or [batch, num_classes], got shape {logits.shape}"
             )
-        return getattr(_scores, self.score)(logits)
+        return _apply_score(logits, score=self.score)
 
     def is_in_distribution(self, logits: jax.typing.ArrayLike) -> jax.Array:
         """Bool, scalar for one input ([C]) or [B] for a batch: ``score >= threshold``.

@@ -176,18 +176,18 @@ def test_exact_float64_padded_vmapped(batched, case_index):
     assert all(np.isnan(got[k][-1, case_index]) for k in METRIC_NAMES)  # tpr = 1.5
 
 
-def test_looped_jitted_eager_equal_vmapped(x64, batched):
-    """Row by row under jit (masked) == the vmapped call == eager on the unpadded scores."""
+def test_looped_eager_equal_vmapped_jitted(x64, batched):
+    """One set at a time, eagerly (masked row, float mask; and unpadded) == the jitted vmap."""
     convention, got, (ins, im, outs, om) = batched
-    jitted = jax.jit(functools.partial(ood_metrics, convention=convention))
-    for name in ("tied_2dec",):
-        row = sorted(CASES).index(name)
-        i, a, o, b = (jnp.asarray(x[row]) for x in (ins, im, outs, om))
-        one = _np(jitted(i, o, in_mask=a, out_mask=b.astype(jnp.float32)))  # float mask
-        eager = _np(ood_metrics(*map(jnp.asarray, CASES[name]), convention=convention))
-        for k in METRIC_NAMES:
-            np.testing.assert_allclose(one[k], got[k][0, row], **TOL64, err_msg=k)
-            np.testing.assert_allclose(eager[k], got[k][0, row], **TOL64, err_msg=k)
+    row = sorted(CASES).index("tied_2dec")
+    i, a, o, b = (jnp.asarray(x[row]) for x in (ins, im, outs, om))
+    looped = _np(
+        ood_metrics(i, o, in_mask=a, out_mask=b.astype(jnp.float32), convention=convention)
+    )
+    eager = _np(ood_metrics(*map(jnp.asarray, CASES["tied_2dec"]), convention=convention))
+    for k in METRIC_NAMES:
+        np.testing.assert_allclose(looped[k], got[k][0, row], **TOL64, err_msg=k)
+        np.testing.assert_allclose(eager[k], got[k][0, row], **TOL64, err_msg=k)
 
 
 def test_collinear_drop_intermediate_moves_fpr95(batched):
@@ -277,8 +277,12 @@ def test_bad_input_eager(kwargs, err, match):
 
 
 def test_nan_input_inside_masked_region_is_fine():
-    got = ood_metrics(jnp.array([0.1, jnp.nan]), GOOD, in_mask=jnp.array([True, False]))
-    assert all(np.isfinite(float(v)) for v in got.values())
+    """Eagerly, NaN/inf in masked positions is allowed and changes nothing."""
+    ins, outs = (jnp.asarray(x, jnp.float32) for x in CASES["tied_2dec"])
+    mask = jnp.ones(ins.shape, bool).at[:2].set(False)
+    got = _np(ood_metrics(ins.at[0].set(jnp.nan).at[1].set(jnp.inf), outs, in_mask=mask))
+    want = _np(ood_metrics(ins.at[0].set(-5.0).at[1].set(7.0), outs, in_mask=mask))
+    assert got == want and all(np.isfinite(v) for v in got.values())
 
 
 @pytest.mark.parametrize("row", range(len(INVALID)), ids=INVALID)

@@ -107,13 +107,15 @@ def _logits(seed, n, c=5, scale=3.0):
 
 @pytest.mark.parametrize("score", SCORE_NAMES)
 def test_detector_fit_and_classify(score):
-    val, test = _logits(0, 64), _logits(1, 8)
+    val, test = _logits(0, 64), _logits(1, 64)
     det = OODDetector.fit(score, val, tpr=0.9)
     fn = getattr(scores, score)
-    assert det.threshold == float(fit_threshold(fn(val), tpr=0.9))
-    assert float(jnp.mean(fn(val) >= det.threshold)) >= 0.9
+    np.testing.assert_allclose(det.scores(val), fn(val), rtol=1e-6, atol=1e-6)  # jitted vs eager
+    assert det.threshold == float(fit_threshold(det.scores(val), tpr=0.9))
+    assert float(jnp.mean(det.scores(val) >= det.threshold)) >= 0.9
     batch = det.is_in_distribution(test)
-    np.testing.assert_array_equal(np.asarray(batch), np.asarray(fn(test) >= det.threshold))
+    assert batch.shape == (64,) and batch.dtype == jnp.bool_
+    np.testing.assert_array_equal(batch, det.scores(test) >= det.threshold)
     for i in range(3):  # one input [C] at a time
         single = det.is_in_distribution(test[i])
         assert single.shape == () and bool(single) == bool(batch[i])
@@ -153,7 +155,8 @@ def test_detector_bad_logits_shape():
 
 def test_detector_evaluate_matches_ood_metrics():
     det = OODDetector(score="max_probability", threshold=0.5, tpr=0.9, convention="openood")
-    ins, outs = _logits(3, 64, scale=4.0), _logits(4, 32, scale=1.0)
+    # The shapes of tests/test_metrics.py's float32 case: the compiled metrics are reused.
+    ins, outs = _logits(3, 400, scale=4.0), _logits(4, 150, scale=1.0)
     got = det.evaluate(ins, outs)
     want = ood_metrics(
         scores.max_probability(ins), scores.max_probability(outs), convention="openood", tpr=0.9
