@@ -100,7 +100,7 @@ def calibrate_temperature(
     Example:
       >>> logits = 5.0 * jax.random.normal(jax.random.key(0), (256, 10))
       >>> labels = jax.random.randint(jax.random.key(1), (256,), 0, 10)
-      >>> t = calibrate_temperature(logits, labels)
+      >>> t = calibrate_temperature(logits, labels, num_candidates=64)
       >>> bool(expected_calibration_error(logits, labels, temperature=t)
       ...      < expected_calibration_error(logits, labels))
       True
