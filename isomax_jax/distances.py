@@ -10,8 +10,10 @@ Numerics, matched to the PyTorch reference (``robust_deep_learning`` 0.5.0):
   ``torch.cdist(..., compute_mode="donot_use_mm_for_euclid_dist")``, but never materialises the
   ``[batch, num_classes, features]`` difference tensor: the forward pass is one fused
   subtract-square-reduce, and the derivative (a ``custom_jvp``) is written with matrix products,
-  ``d/df_i = sum_j w_ij (f_i - p_j) = f_i sum_j w_ij - (w P)_i`` with ``w = g / d``. At zero
-  distance the derivative is 0, as in torch.
+  ``d/df_i = sum_j w_ij (f_i - p_j) = f_i sum_j w_ij - (w P)_i`` with ``w = g / d``, except for
+  each row's nearest prototype, whose term uses the exact difference ``f_i - p_k`` (the expanded
+  form cancels catastrophically when ``d`` is tiny). At zero distance the derivative is 0, as
+  in torch.
 * ``l2_normalize`` is ``x / max(||x||, 1e-12)`` (torch ``F.normalize``): an all-zero row gives
   zeros and finite gradients.
 * The distance scale enters through ``|s|`` with derivative ``sign(s)`` (0 at 0, as in torch).
@@ -96,15 +98,25 @@ def _exact_distance_jvp(primals, tangents):
     distance = _exact_distance(features, prototypes)
     positive = distance > 0
     inverse = jnp.where(positive, 1 / jnp.where(positive, distance, 1), 0)
-    # d(d_ij) = <f_i - p_j, df_i - dp_j> / d_ij, expanded into matrix products.
-    tangent = jnp.zeros_like(distance)
+    # d(d_ij) = <f_i - p_j, df_i - dp_j> / d_ij. Expanded into matrix products for all pairs;
+    # for each row's nearest prototype (where the expansion would cancel catastrophically) it
+    # is computed from the exact difference f_i - p_k, a [batch, features] array.
+    nearest = jnp.argmin(distance, axis=1)
+    is_nearest = jax.nn.one_hot(nearest, distance.shape[1], dtype=bool)
+    difference = features - prototypes[nearest]
+    inverse_nearest = jnp.take_along_axis(inverse, nearest[:, None], axis=1)
+    expanded = jnp.zeros_like(distance)
+    exact = jnp.zeros_like(distance[:, :1])
     if not isinstance(d_features, SymbolicZero):
-        tangent = tangent + jnp.sum(features * d_features, axis=-1, keepdims=True)
-        tangent = tangent - d_features @ prototypes.T
+        expanded = expanded + jnp.sum(features * d_features, axis=-1, keepdims=True)
+        expanded = expanded - d_features @ prototypes.T
+        exact = exact + jnp.sum(difference * d_features, axis=-1, keepdims=True)
     if not isinstance(d_prototypes, SymbolicZero):
-        tangent = tangent - features @ d_prototypes.T
-        tangent = tangent + jnp.sum(prototypes * d_prototypes, axis=-1)[None, :]
-    return distance, tangent * inverse
+        expanded = expanded - features @ d_prototypes.T
+        expanded = expanded + jnp.sum(prototypes * d_prototypes, axis=-1)[None, :]
+        exact = exact - jnp.sum(difference * d_prototypes[nearest], axis=-1, keepdims=True)
+    tangent = jnp.where(is_nearest, exact * inverse_nearest, expanded * inverse)
+    return distance, tangent
 
 
 _exact_distance.defjvp(_exact_distance_jvp, symbolic_zeros=True)
