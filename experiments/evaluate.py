@@ -117,10 +117,15 @@ def collect_logits(
         data_dir=config.data_dir or None,
         manual_dir=config.manual_dir or None,
         build_dir=build_dir or config.build_dir or None,
+        download=config.download,
     )
     outs: dict[str, list[np.ndarray]] = {key: [] for key in models}
     labels, n_real, start = [], 0, time.time()
-    for batch in batches:
+    last_log = start
+    for i, batch in enumerate(batches):
+        if time.time() - last_log > 30:  # progress on long sets / slow models
+            logging.info("eval %s: batch %d/%d", dataset, i, len(batches))
+            last_log = time.time()
         images = parallel.shard_batch(np.asarray(batch["image"], np.float32), mesh)
         meta = {"mask": np.asarray(batch["mask"]).astype(bool), "label": batch["label"]}
         meta = jax.tree.map(np.asarray, gather(parallel.shard_batch(meta, mesh)))

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from experiments import report_plots
+from isomax_jax import tables
 
 METRICS = ("tnr_at_tpr", "auroc", "aupr_in", "aupr_out", "detection_accuracy")
 METRIC_TITLES = {
@@ -57,10 +58,9 @@ CONVENTION_NOTES = {
 
 
 def _stats(values: Sequence[float]) -> dict[str, Any]:
-    """Mean and standard deviation (sample, ddof=1; 0 for one run) of `values`."""
+    """Mean and population standard deviation (ddof=0, as `isomax_jax.tables`) of `values`."""
     arr = np.asarray(values, dtype=np.float64)
-    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-    return {"mean": float(arr.mean()), "std": std, "values": [float(v) for v in arr]}
+    return {"mean": float(arr.mean()), "std": float(arr.std()), "values": [float(v) for v in arr]}
 
 
 def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -155,34 +155,52 @@ def build_results(
 
 
 def _pct(stats: Mapping[str, Any]) -> str:
-    mean, std = 100 * stats["mean"], 100 * stats["std"]
-    if len(stats["values"]) > 1:
-        return f"{mean:.2f} ± {std:.2f}"
-    return f"{mean:.2f}"
+    return tables.format_cell(stats["values"])
 
 
 def _method(loss: str, score: str) -> str:
     return f"{LOSS_TITLES.get(loss, loss)} + {SCORE_TITLES.get(score, score)}"
 
 
-def comparison_table(results: Mapping[str, Any]) -> str:
-    """Markdown table of the papers' pairings (reference convention), with published numbers."""
-    summary, published = results["summary"], results["config"].get("published", {}) or {}
-    header = ["OOD set", "method", *(METRIC_TITLES[m] for m in METRICS), "published TNR / AUROC"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def paper_layout_table(results: Mapping[str, Any], convention: str = "reference") -> str:
+    """The papers' layout via `isomax_jax.tables`: rows = OOD sets, columns = metric x method
+    (the papers' loss/score pairings), mean ± std over runs."""
+    metrics = (
+        ("tnr_at_tpr", "auroc", "detection_accuracy")
+        if convention == "reference"
+        else ("fpr_at_tpr", "auroc", "aupr_in", "aupr_out")
+    )
+    table: dict[str, dict[str, list]] = {}
     for ood in results["ood_datasets"]:
-        for loss, by_ood in summary["ood"].items():
-            for score in PAIRINGS.get(loss, ()):
-                stats = by_ood[ood][score]["reference"]
-                pub = (published.get(loss) or {}).get("ood", {}).get(ood)
-                pub_text = (
-                    f"{pub['tnr_at_tpr']:.1f} / {pub['auroc']:.1f}"
-                    if pub and pub["score"] == score
-                    else ""
-                )
-                cells = [ood, _method(loss, score), *(_pct(stats[m]) for m in METRICS), pub_text]
-                lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        for run in results["runs"]:
+            for score in PAIRINGS.get(run["loss"], ()):
+                if score == "energy":
+                    continue
+                method = _method(run["loss"], score).replace(" + ", "/")
+                by_method = table.setdefault(ood, {})
+                by_method.setdefault(method, []).append(run["ood"][ood][score][convention])
+    return tables.format_results_table(table, metrics=metrics, convention=convention)
+
+
+def published_table(results: Mapping[str, Any]) -> str:
+    """Measured vs published TNR@TPR95 / AUROC (reference convention) where REFERENCE §5 has
+    a number for the configured cell; empty string otherwise."""
+    published = results["config"].get("published") or {}
+    lines = []
+    for loss, cell in published.items():
+        for ood, pub in (cell.get("ood") or {}).items():
+            if loss not in results["summary"]["ood"] or ood not in results["ood_datasets"]:
+                continue
+            stats = results["summary"]["ood"][loss][ood][pub["score"]]["reference"]
+            lines.append(
+                f"| {ood} | {_method(loss, pub['score'])} | {_pct(stats['tnr_at_tpr'])} / "
+                f"{_pct(stats['auroc'])} | {pub['tnr_at_tpr']:.1f} / {pub['auroc']:.1f} | "
+                f"{pub['source']} |"
+            )
+    if not lines:
+        return ""
+    header = "| OOD set | method | measured TNR@TPR95 / AUROC | published | source |"
+    return "\n".join([header, "|---|---|---|---|---|", *lines])
 
 
 def compact_table(results: Mapping[str, Any]) -> str:
@@ -218,11 +236,16 @@ def _all_scores_table(results: Mapping[str, Any], loss: str) -> str:
 
 
 def verdict_lines(results: Mapping[str, Any]) -> list[str]:
+    """Per challenger and OOD set: "yes"/"no"/"mixed" with the numbers behind it."""
     lines = []
     for challenger, by_ood in results["verdicts"].items():
         score = PAIRINGS[challenger][0]
         name = _method(challenger, score)
-        lines.append(f"**{name} vs SoftMax (better of MPS and ES):**")
+        wins = sum(v["verdict"] == "yes" for v in by_ood.values())
+        lines.append(
+            f"**{name} vs SoftMax (better of MPS and ES): beats it on {wins} of "
+            f"{len(by_ood)} OOD sets.**"
+        )
         lines.append("")
         for ood, v in by_ood.items():
             t, a = v["tnr_at_tpr"], v["auroc"]
@@ -237,6 +260,11 @@ def verdict_lines(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _mean_of(dicts: Sequence[Mapping[str, Any]], key: str, scale: float, fmt: str) -> str:
+    values = [d[key] for d in dicts if d.get(key) is not None]
+    return format(scale * float(np.mean(values)), fmt) if values else ""
+
+
 def markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
     """The human-readable report (`results.md`)."""
     config = results["config"]
@@ -248,7 +276,7 @@ def markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
         f"# OOD detection: {config['model']} on {config['dataset']}",
         "",
         f"Losses: {', '.join(LOSS_TITLES.get(x, x) for x in config['losses'])}; "
-        f"{len(seeds)} run(s), seeds {seeds}; {epochs:.2f} epochs "
+        f"{len(seeds)} run(s), seeds {seeds}; {epochs:.3g} epochs "
         f"({runs[0]['train'].get('steps', '?') if runs else '?'} steps of batch "
         f"{config['batch_size']}) per model. Created {results['created_utc']}"
         + (
@@ -257,31 +285,51 @@ def markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
             else "."
         ),
         "",
-        "Numbers are percentages, mean ± std (ddof=1) over runs when there are several.",
+        "Numbers are percentages, mean ± std (population std, ddof=0) over runs when there "
+        "are several.",
         "",
     ]
     if not math.isnan(epochs) and epochs < 100:
         lines += [
-            f"**Expect smaller effects than the papers.** These models trained for {epochs:.1f} "
+            f"**Expect smaller effects than the papers.** These models trained for {epochs:.3g} "
             "epochs; the papers train a DenseNet-BC-100 for 300 epochs. The evaluation is not "
             "tuned: every score and metric is computed the same way for every loss.",
             "",
         ]
-    lines += ["## Accuracy", "", "| loss | test accuracy (%) | published |", "|---|---|---|"]
+    lines += [
+        "## Accuracy and training",
+        "",
+        "| loss | test accuracy (%) | published | train wall time (min) | s/step | "
+        "final train loss |",
+        "|---|---|---|---|---|---|",
+    ]
     published = config.get("published", {}) or {}
     for loss, stats in acc.items():
         pub = (published.get(loss) or {}).get("accuracy")
         pub_text = f"~{pub:.0f}" if pub else ""
-        lines.append(f"| {LOSS_TITLES.get(loss, loss)} | {_pct(stats)} | {pub_text} |")
+        trains = [run["train"] for run in runs if run["loss"] == loss]
+        wall = _mean_of(trains, "wall_time_s", 1 / 60, ".1f")
+        sps = _mean_of(trains, "seconds_per_step", 1, ".3f")
+        final = _mean_of(trains, "final_train_loss", 1, ".3f")
+        lines.append(
+            f"| {LOSS_TITLES.get(loss, loss)} | {_pct(stats)} | {pub_text} | {wall} | {sps} | "
+            f"{final} |"
+        )
     lines += [
         "",
         "## The papers' pairings (reference convention)",
         "",
+        "TNR@TPR95 / AUROC in %, higher is better:",
+        "",
         compact_table(results),
         "",
-        comparison_table(results),
+        "In the papers' layout:",
         "",
+        paper_layout_table(results, "reference"),
     ]
+    pub = published_table(results)
+    if pub:
+        lines += ["### Published numbers (REFERENCE.md §5)", "", pub, ""]
     if results["verdicts"]:
         lines += ["## Does IsoMax beat SoftMax?", ""]
         lines += [
@@ -296,6 +344,12 @@ def markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
     for conv, note in results["conventions"].items():
         lines.append(f"- `{conv}`: {note}.")
     lines.append("")
+    if "openood" in results["conventions"]:
+        lines += [
+            "The papers' pairings under the OpenOOD convention (FPR@95: lower is better):",
+            "",
+            paper_layout_table(results, "openood"),
+        ]
     for loss in results["summary"]["ood"]:
         lines += [f"### {LOSS_TITLES.get(loss, loss)}", "", _all_scores_table(results, loss), ""]
     if plots:

@@ -113,12 +113,12 @@ def plot_roc(results, scores, ood: str, path: str, pairings) -> str:
     """ROC curves (in-distribution positive) of every (loss, paired score) against `ood`."""
     in_name = results["in_distribution"]
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    for loss in scores:
-        for score in pairings.get(loss, ()):
+    for i, loss in enumerate(scores):
+        for j, score in enumerate(pairings.get(loss, ())):
             fpr, tpr = roc_points(scores[loss][in_name][score], scores[loss][ood][score])
-            ax.plot(
-                fpr, tpr, label=_label(loss, score), lw=1.5, ls="--" if score == "energy" else "-"
-            )
+            # One colour per loss; the paired scores solid/dash-dot, energy dashed.
+            style = "--" if score == "energy" else ("-", "-.")[j % 2]
+            ax.plot(fpr, tpr, label=_label(loss, score), lw=1.5, color=f"C{i}", ls=style)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
     ax.axhline(0.95, color="grey", lw=0.6, ls="--")
     ax.set_xlabel(f"FPR: fraction of {ood} accepted")

@@ -104,6 +104,7 @@ def _train_batches(config: Any, seed: int):
             seed=seed,
             data_dir=config.data_dir or None,
             split=config.train_split,
+            download=config.download,
         )
     )
 

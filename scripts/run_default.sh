@@ -13,6 +13,8 @@ python -m pip install -q --disable-pip-version-check -e ".[experiments]"
 args=()
 if [[ -d ../shared/data/tfds ]]; then
   args+=("--config.data_dir=$(cd ../shared/data/tfds && pwd)")
+else
+  args+=("--config.download=True")  # connected machine: tfds fetches CIFAR-10 and the OOD sets
 fi
 if [[ -d ../shared/data/raw ]]; then
   args+=("--config.manual_dir=$(cd ../shared/data/raw && pwd)")

@@ -147,6 +147,8 @@ def get_config(arg: str = "densenet_bc100,cifar10,isomax") -> ml_collections.Con
     config.manual_dir = ""
     # Where missing OOD sets are built (from manual_dir, or generated); "" = <workdir>/data.
     config.build_dir = ""
+    # Let tfds download missing sets (connected machines); offline, missing data fails at once.
+    config.download = True
     config.log_every_steps = 200
     config.checkpoint_every_steps = 5000
     config.published = _published(model, dataset, losses)
