@@ -124,7 +124,12 @@ def small_resnet() -> CifarResNet:
     """A fast ResNet-8 for CPU runs: stride-2 stem, one block per stage, 32/64/128, 128-d.
 
     Not a paper model. The stride-2 stem makes the first stage work at 16×16, which roughly
-    quarters the cost of a ResNet-8 on 32×32 inputs; option-A shortcuts add no parameters.
+    quarters the cost of a ResNet-8 on 32×32 inputs; option-A shortcuts add no parameters
+    (296,736 backbone parameters). Measured on the 2-core development CPU (shared, load ~4.5):
+    a jitted SGD train step at batch 128 takes 0.14 s (min) / 0.20 s (median), about half
+    the time of a 16-32-64 ResNet-8 at full resolution; with an IsoMax+ head, SGD-Nesterov
+    lr 0.1 and crop/flip augmentation it reaches 54% / 66% / 67% CIFAR-10 test accuracy after
+    1 / 2 / 3 epochs.
     """
     return CifarResNet(
         stage_sizes=(1, 1, 1),
