@@ -180,3 +180,15 @@ def test_fpr_bad_inputs(key):
     with pytest.raises(ValueError, match="at least 2"):
         dismax_fpr_loss(np.zeros((1, 3), np.float32), np.zeros(1, np.int32))
     assert np.isnan(losses.dismax_fpr_loss(np.zeros((4, 3), np.float32), np.array([0, 1, 2, 5])))
+
+
+def test_validate_labels_eager_helper():
+    from isomax_jax import validate_labels
+
+    np.testing.assert_array_equal(validate_labels(np.array([0, 4]), 5), [0, 4])
+    with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 5\); got 2 out-of-range"):
+        validate_labels(np.array([0, 5, -1]), 5)
+    with pytest.raises(TypeError, match="integer dtype"):
+        validate_labels(np.array([0.0]), 5)
+    with pytest.raises(TypeError, match="outside `jax.jit`"):
+        jax.jit(lambda y: validate_labels(y, 5))(jnp.array([0]))
