@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
         "uniform_noise",
     )
     config.conventions = ("reference", "openood")
-    config.eval_batch_size = 500
+    config.eval_batch_size = 512  # global; must divide by the number of devices
     config.max_eval_examples = -1  # > 0 caps every evaluation set (tests, smoke runs)
     # Data locations: "" means TFDS_DATA_DIR, else tfds's default.
     config.data_dir = ""
