@@ -102,7 +102,7 @@ def test_check_grads_float64(fn):
     with jax.enable_x64(True):
         f, p, s = _inputs(4, b=3, c=4, d=5, dtype=np.float64)
         if fn == "isomax":
-            check_grads(jax.jit(isomax_logits), (f, p), order=2, eps=1e-4)
+            check_grads(jax.jit(isomax_logits), (f, p), order=1, eps=1e-4)
         else:
             logits = jax.jit(isomax_plus_logits if fn == "isomax_plus" else dismax_logits)
             check_grads(logits, (f, p, s), order=1, eps=1e-4)
