@@ -107,6 +107,15 @@ def fpr_mosaic(images: jax.typing.ArrayLike) -> jax.Array:
 
     Returns:
       Images of the same shape and dtype.
+
+    Example:
+      >>> images = jnp.arange(4.0)[:, None, None, None] * jnp.ones((4, 2, 2, 1))
+      >>> fpr_mosaic(images)[2:, :, :, 0]  # second half: quadrants from samples 2 and 3
+      Array([[[2., 2.],
+              [3., 3.]],
+      <BLANKLINE>
+             [[3., 3.],
+              [2., 2.]]], dtype=float32)
     """
     images = jnp.asarray(images)
     validation.check_rank("images", images, 4, "[batch, height, width, channels]")
