@@ -164,5 +164,12 @@ def test_pipeline_train_checkpoint_evaluate_report(
         image = matplotlib.image.imread(workdir / "plots" / name)
         assert image.ndim == 3 and min(image.shape[:2]) > 100
         assert f"plots/{name}" in md
+    # Re-running a finished (loss, seed) restores its final checkpoint instead of training.
+    from isomax_jax import parallel
+
+    again = train_eval.train_one(
+        config, str(workdir), loss="isomax", seed=0, run=0, mesh=parallel.data_mesh()
+    )
+    assert again["train"] == results["runs"][1]["train"]  # the recorded first training
     logits = np.load(workdir / "logits" / "isomax_seed0.npz")
     assert logits["cifar10"].shape == (64, 10) and np.isfinite(logits["mnist"]).all()
