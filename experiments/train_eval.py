@@ -132,9 +132,10 @@ def train_one(config: Any, workdir: str, *, loss: str, seed: int, run: int, mesh
         name, total, plan["epochs"], plan["steps_per_epoch"], config.batch_size,
         plan["lr_milestones_steps"], start_step,
     )  # fmt: skip
-    batches = _train_batches(config, seed)
-    for _ in range(start_step):  # same data order after a resume
-        next(batches)
+    if start_step < total:  # (a finished run only restores its final checkpoint)
+        batches = _train_batches(config, seed)
+        for _ in range(start_step):  # same data order after a resume
+            next(batches)
     t_start = time.time()
     compile_s, t_timed, n_timed, t_log, n_log, pending, last = None, None, 0, None, 0, [], {}
     for step in range(start_step, total):
@@ -170,7 +171,8 @@ def train_one(config: Any, workdir: str, *, loss: str, seed: int, run: int, mesh
             pending, t_log, n_log = [], time.time(), 0
     jax.block_until_ready(state)
     t_end = time.time()
-    ckpt.save(jax.device_get(state), force=True)
+    if start_step < total:
+        ckpt.save(jax.device_get(state), force=True)
     ckpt.close()
     if writer is not None:
         writer.close()
