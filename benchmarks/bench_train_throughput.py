@@ -12,7 +12,12 @@ decay 1e-4. JAX: ``isomax_jax.train.train_step`` under ``jax.jit`` (state donate
 PyTorch: ``tests/parity/torch_models.py`` + ``robust_deep_learning.IsoMaxLossSecondPart`` +
 ``torch.optim.SGD``, NCHW (or channels-last).
 
-Usage (a few minutes with the defaults)::
+Defaults: one pinned CPU and one thread per run (with other jobs on the machine, OpenMP spin-waits
+make multi-threaded PyTorch several times slower and the comparison meaningless; pass
+``--threads 2`` on an idle machine), small_resnet 3 rounds x 6 steps, ResNet-34 1 round x 2 steps
+(about 8 minutes in all on this 2-core machine; ``--models small_resnet`` takes about 2).
+
+Usage::
 
     python benchmarks/bench_train_throughput.py
     python benchmarks/bench_train_throughput.py --models small_resnet --rounds 3 \\
@@ -40,9 +45,13 @@ JAX_VARIANTS = {
     "xnn_graph": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
     "eigen_single": "--xla_cpu_multi_thread_eigen=false",
     "fast_math": "--xla_cpu_enable_fast_math=true",
+    "onednn+xnn_graph": "--xla_cpu_use_onednn=true "
+    "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
 }
 TORCH_VARIANTS = ("nchw", "channels_last")
-DEFAULT_STEPS = {"small_resnet": 6, "resnet34": 3}
+DEFAULT_STEPS = {"small_resnet": 6, "resnet34": 2}
+#: ResNet-34 at batch 128 takes ~20-30 s per step on one (shared) core of this machine.
+DEFAULT_ROUNDS = {"small_resnet": 3, "resnet34": 1}
 
 
 def _pin(threads: int) -> None:
@@ -124,12 +133,15 @@ def _torch_child(model_name: str, batch: int, steps: int, variant: str, threads:
 
 
 def _conv_child(framework: str, batch: int, steps: int, threads: int) -> dict:
-    """One 3x3 conv, 64->64 channels at 32x32, forward + both gradients, per layout and dtype."""
+    """One 3x3 conv, 64->64 channels at 32x32: forward, forward + d/dinput, forward + d/dweight.
+
+    Per layout and dtype; this separates the three convolutions of a training step.
+    """
     import numpy as np
 
-    shape_nhwc, results = (batch, 32, 32, 64), {}
+    results = {}
     rng = np.random.default_rng(0)
-    x = rng.normal(size=shape_nhwc).astype(np.float32)
+    x = rng.normal(size=(batch, 32, 32, 64)).astype(np.float32)
     w = (rng.normal(size=(3, 3, 64, 64)) * 0.05).astype(np.float32)
 
     def timed(fn):
@@ -157,11 +169,15 @@ def _conv_child(framework: str, batch: int, steps: int, threads: int) -> dict:
                     )
                     return jnp.sum(y.astype(jnp.float32) ** 2)
 
-                grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
                 xa, wa = jnp.asarray(xt, dtype), jnp.asarray(wt, dtype)
-                results[f"{layout}/{dtype}"] = timed(
-                    lambda g=grad, a=xa, b=wa: jax.block_until_ready(g(a, b))
-                )
+                for part, fn in [
+                    ("fwd", jax.jit(loss)),
+                    ("fwd+dx", jax.jit(jax.grad(loss, argnums=0))),
+                    ("fwd+dw", jax.jit(jax.grad(loss, argnums=1))),
+                ]:
+                    results[f"{layout}/{dtype}/{part}"] = timed(
+                        lambda f=fn, a=xa, b=wa: jax.block_until_ready(f(a, b))
+                    )
     else:
         import torch
 
@@ -174,14 +190,18 @@ def _conv_child(framework: str, batch: int, steps: int, threads: int) -> dict:
                 if layout == "channels_last":
                     xt = xt.contiguous(memory_format=torch.channels_last)
                     wt = wt.contiguous(memory_format=torch.channels_last)
-                xt.requires_grad_(True)
-                wt.requires_grad_(True)
 
-                def fwd_bwd(xt=xt, wt=wt):
-                    y = torch.nn.functional.conv2d(xt, wt, padding=1)
-                    (y.float() ** 2).sum().backward()
+                def run(grad_x, grad_w, xt=xt, wt=wt):
+                    a = xt.detach().requires_grad_(grad_x)
+                    b = wt.detach().requires_grad_(grad_w)
+                    with torch.set_grad_enabled(grad_x or grad_w):
+                        loss = (torch.nn.functional.conv2d(a, b, padding=1).float() ** 2).sum()
+                        if grad_x or grad_w:
+                            loss.backward()
 
-                results[f"{layout}/{dtype}"] = timed(fwd_bwd)
+                for part, gx, gw in [("fwd", False, False), ("fwd+dx", True, False),
+                                     ("fwd+dw", False, True)]:  # fmt: skip
+                    results[f"{layout}/{dtype}/{part}"] = timed(lambda gx=gx, gw=gw: run(gx, gw))
     return {"times_s": results}
 
 
@@ -229,10 +249,11 @@ def _spread(values):
 def _bench_models(args) -> None:
     for model in args.models.split(","):
         steps = args.steps or DEFAULT_STEPS.get(model, 3)
+        rounds = args.rounds or DEFAULT_ROUNDS.get(model, 1)
         ips = {}  # (framework, variant) -> [images/s per round]
         ratios = {}  # jax variant -> [ratio to torch default per round]
         print(f"\n== {model}, batch {args.batch}, {args.threads} thread(s), {steps} timed steps")
-        for r in range(args.rounds):
+        for r in range(rounds):
             torch_ref = None
             for tv in args.torch_variants.split(","):
                 res = _run("torch", model=model, variant=tv, batch=args.batch, steps=steps,
@@ -254,7 +275,7 @@ def _bench_models(args) -> None:
                     first = res["first_step_s"]
                     print(f"  round {r} jax/{jv}: {v:7.1f} img/s "
                           f"(compile+first step {first:.1f} s)", flush=True)  # fmt: skip
-        print(f"-- {model} summary (median over {args.rounds} rounds; spread = half range)")
+        print(f"-- {model} summary (median over {rounds} round(s); spread = half range)")
         print(f"   {'config':<22}{'img/s':>9}{'spread':>9}{'JAX/torch':>11}")
         for (fw, var), vals in ips.items():
             ratio = ""
@@ -266,15 +287,15 @@ def _bench_models(args) -> None:
 
 def _bench_conv(args) -> None:
     steps = args.steps or 5
-    print(f"\n== one 3x3 conv 64->64, 32x32, batch {args.batch}, fwd + grads, "
+    print(f"\n== one 3x3 conv 64->64, 32x32, batch {args.batch}, fwd / fwd+dx / fwd+dw, "
           f"{args.threads} thread(s), median of {steps}")  # fmt: skip
-    for r in range(args.rounds):
+    for r in range(args.rounds or 1):
         for kind in ("conv-torch", "conv-jax"):
             res = _run(kind, batch=args.batch, steps=steps, threads=args.threads,
                        timeout=args.timeout)  # fmt: skip
             if res:
-                cells = ", ".join(f"{k} {1e3 * t:.0f} ms" for k, t in res["times_s"].items())
-                print(f"  round {r} {kind[5:]}: {cells}", flush=True)
+                for k, t in res["times_s"].items():
+                    print(f"  round {r} {kind[5:]:<6} {k:<28} {1e3 * t:8.1f} ms", flush=True)
 
 
 def main() -> None:
@@ -282,8 +303,8 @@ def main() -> None:
     parser.add_argument("--models", default="small_resnet,resnet34")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=0, help="timed steps (0: per-model default)")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--rounds", type=int, default=0, help="0: per-model default")
+    parser.add_argument("--threads", type=int, default=1, help="CPUs (and threads) per run")
     parser.add_argument("--jax-variants", default="default,onednn")
     parser.add_argument("--torch-variants", default="nchw")
     parser.add_argument("--conv", action="store_true", help="single-conv layout/dtype benchmark")
