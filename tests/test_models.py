@@ -113,12 +113,12 @@ def test_small_resnet_forward_train_and_eval():
     np.testing.assert_allclose(one, logits[:1], rtol=1e-5, atol=1e-5)
     old, new = old["backbone"]["bn1"], new["backbone"]["bn1"]
     # Running mean moves 10% of the way to the batch mean (torch momentum 0.1); the running
-    # variance likewise (Flax uses the biased batch variance, torch the unbiased one).
+    # variance likewise, towards the unbiased batch variance as in torch.
     np.testing.assert_allclose(
         new["mean"], 0.9 * old["mean"] + 0.1 * stem.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
     )
     np.testing.assert_allclose(
-        new["var"], 0.9 * old["var"] + 0.1 * stem.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
+        new["var"], 0.9 * old["var"] + 0.1 * stem.var(axis=(0, 1, 2), ddof=1), rtol=1e-4, atol=1e-6
     )
 
 

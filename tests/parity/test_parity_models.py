@@ -97,3 +97,35 @@ def test_converted_weights_give_the_same_outputs(name, whole_head):
         flax_head = _HeadOnly(make_head(head, num_classes=NUM_CLASSES))
         head_vars = convert_state_dict(flax_head, torch_head.state_dict(), image_shape=(dim,))
         _close(flax_head.apply(head_vars, features), expected, f"{name} + {head} logits")
+
+
+def test_batch_norm_matches_torch_over_training_steps():
+    """Outputs and running statistics of our BatchNorm equal torch.nn.BatchNorm2d's."""
+    import torch
+
+    from isomax_jax.models.layers import BatchNorm
+
+    rng = np.random.default_rng(0)
+    torch_bn = torch.nn.BatchNorm2d(5, momentum=0.1, eps=1e-5).double()
+    with torch.no_grad():
+        torch_bn.weight.copy_(torch.from_numpy(rng.normal(size=5)))
+        torch_bn.bias.copy_(torch.from_numpy(rng.normal(size=5)))
+    params = {
+        "scale": jnp.asarray(torch_bn.weight.detach().numpy(), jnp.float32),
+        "bias": jnp.asarray(torch_bn.bias.detach().numpy(), jnp.float32),
+    }
+    train_bn, eval_bn = BatchNorm(use_running_average=False), BatchNorm(use_running_average=True)
+    stats = {"mean": jnp.zeros(5), "var": jnp.ones(5)}
+    step = jax.jit(lambda v, x: train_bn.apply(v, x, mutable=["batch_stats"]))
+    for _ in range(3):
+        x = rng.normal(loc=2.0, scale=3.0, size=(4, 5, 3, 3))  # NCHW, 36 values per channel
+        want = torch_bn.train()(torch.from_numpy(x)).detach().numpy()
+        got, updates = step({"params": params, "batch_stats": stats}, x.transpose(0, 2, 3, 1))
+        stats = updates["batch_stats"]
+        np.testing.assert_allclose(got, want.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(stats["mean"], torch_bn.running_mean.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(stats["var"], torch_bn.running_var.numpy(), rtol=1e-5)
+    x = rng.normal(size=(2, 5, 3, 3))
+    want = torch_bn.eval()(torch.from_numpy(x)).detach().numpy()
+    got = eval_bn.apply({"params": params, "batch_stats": stats}, x.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(got, want.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
