@@ -81,9 +81,10 @@ def _torch_keys(variables: Mapping[str, Any]) -> dict[str, tuple[str, tuple[str,
 
 
 def _to_numpy(value: Any) -> np.ndarray:
+    """A private copy: converted weights must not alias (and follow) the caller's tensors."""
     if hasattr(value, "detach"):  # a torch.Tensor; avoids importing torch here
         value = value.detach().cpu().numpy()
-    return np.asarray(value)
+    return np.array(value, copy=True)
 
 
 def _torch_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -10,7 +10,9 @@ import pytest
 
 from isomax_jax import heads
 from isomax_jax.models import BACKBONES, HEADS, SoftMaxHead, feature_dim, get_model
-from isomax_jax.models.resnet import BasicBlock
+from isomax_jax.models.densenet import DenseNetBC
+from isomax_jax.models.resnet import BasicBlock, CifarResNet
+from isomax_jax.models.wide_resnet import WideResNet
 
 PAPER_BACKBONE_PARAMS = {
     "densenet_bc100": 765_732,
@@ -185,3 +187,31 @@ def test_bad_images():
         apply(jnp.zeros((32, 32, 3)))
     with pytest.raises(TypeError, match=r"`images`.*uint8"):
         apply(jnp.zeros((1, 32, 32, 3), jnp.uint8))
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        CifarResNet(stage_sizes=(1, 1), widths=(8, 16), stem_width=8, shortcut="zero_pad"),
+        DenseNetBC(depth=10, growth_rate=4),
+        WideResNet(depth=10, widen_factor=1),
+    ],
+    ids=["resnet", "densenet", "wide_resnet"],
+)
+def test_pmap_batch_norm_axis_name_gives_global_batch_statistics(backbone):
+    # With bn_axis_name, a pmapped train-mode forward over 8 devices equals the forward on
+    # the whole batch: same features and same running-statistics update.
+    images = jax.random.normal(jax.random.key(1), (16, 8, 8, 3))
+    variables = jax.jit(lambda k: backbone.init(k, images[:2], train=False))(jax.random.key(0))
+    whole, want = backbone.apply(variables, images, train=True, mutable=["batch_stats"])
+    synced = backbone.clone(bn_axis_name="batch")
+    pmapped = jax.pmap(
+        lambda x: synced.apply(variables, x, train=True, mutable=["batch_stats"]),
+        axis_name="batch",
+    )
+    parts, got = pmapped(images.reshape(8, 2, 8, 8, 3))
+    np.testing.assert_allclose(parts.reshape(whole.shape), whole, rtol=1e-4, atol=1e-5)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(x[0], y, rtol=1e-4, atol=1e-6)
+    model = get_model("small_resnet", num_classes=10, head="isomax", bn_axis_name="batch")
+    assert model.backbone.bn_axis_name == "batch"

@@ -159,3 +159,14 @@ def test_exported_state_dict_loads_into_the_torch_twin(model, variables):
             3, 2, 0, 1
         ),
     )
+
+
+def test_converted_weights_do_not_alias_the_source(model, variables):
+    # Changing the source arrays (e.g. training the torch model further) after conversion must
+    # not change the converted variables.
+    state = to_torch_state_dict(model, variables)
+    back = convert_state_dict(model, state)
+    before = jax.tree.map(np.array, back)
+    for value in state.values():
+        value[...] = 7
+    jax.tree.map(np.testing.assert_array_equal, back, before)

@@ -48,7 +48,14 @@ def make_head(head: str, *, num_classes: int, temperature: float = 1.0) -> nn.Mo
     return factories[head](num_classes, temperature=temperature, name="classifier")
 
 
-def get_model(name: str, *, num_classes: int, head: str, temperature: float = 1.0) -> Classifier:
+def get_model(
+    name: str,
+    *,
+    num_classes: int,
+    head: str,
+    temperature: float = 1.0,
+    bn_axis_name: str | None = None,
+) -> Classifier:
     """A backbone with a head: ``apply(variables, images, train=..., return_features=False)``.
 
     Args:
@@ -57,6 +64,10 @@ def get_model(name: str, *, num_classes: int, head: str, temperature: float = 1.
       num_classes: number of classes ``C``.
       head: ``softmax`` (linear), ``isomax``, ``isomax_plus`` or ``dismax``.
       temperature: the head's (untrained) temperature; 1 except after calibration.
+      bn_axis_name: for the ``jax.pmap`` path only: the pmap axis name over which BatchNorm
+        averages its batch statistics, so that a pmapped step equals the global-batch step
+        (:func:`isomax_jax.parallel.pmap_train_step` uses ``"batch"``). Leave None with
+        ``jax.jit`` + sharding, where statistics are global already.
 
     Returns:
       A :class:`Classifier`; its variables are ``{"params", "batch_stats"}`` with the backbone
@@ -73,7 +84,7 @@ def get_model(name: str, *, num_classes: int, head: str, temperature: float = 1.
         raise ValueError(f"`num_classes` must be a positive int; got {num_classes!r}.")
     factory, _ = BACKBONES[name]
     return Classifier(
-        backbone=factory(),
+        backbone=factory().clone(bn_axis_name=bn_axis_name),
         classifier=make_head(head, num_classes=num_classes, temperature=temperature),
     )
 

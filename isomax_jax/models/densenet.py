@@ -18,12 +18,13 @@ class BottleneckLayer(nn.Module):
     """BN-ReLU-conv1×1 (``4k`` channels), BN-ReLU-conv3×3 (``k``), concatenated to the input."""
 
     growth_rate: int
+    bn_axis_name: str | None = None  # pmap axis name for cross-device BatchNorm statistics
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        out = nn.relu(batch_norm(train=train, name="bn1")(x))
+        out = nn.relu(batch_norm(train=train, axis_name=self.bn_axis_name, name="bn1")(x))
         out = conv(4 * self.growth_rate, 1, name="conv1")(out)
-        out = nn.relu(batch_norm(train=train, name="bn2")(out))
+        out = nn.relu(batch_norm(train=train, axis_name=self.bn_axis_name, name="bn2")(out))
         out = conv(self.growth_rate, 3, name="conv2")(out)
         return jnp.concatenate([x, out], axis=-1)
 
@@ -33,11 +34,14 @@ class DenseBlock(nn.Module):
 
     num_layers: int
     growth_rate: int
+    bn_axis_name: str | None = None  # pmap axis name for cross-device BatchNorm statistics
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         for i in range(self.num_layers):
-            x = BottleneckLayer(self.growth_rate, name=f"layer_{i}")(x, train=train)
+            x = BottleneckLayer(
+                self.growth_rate, bn_axis_name=self.bn_axis_name, name=f"layer_{i}"
+            )(x, train=train)
         return x
 
 
@@ -45,10 +49,11 @@ class Transition(nn.Module):
     """BN-ReLU-conv1×1 to ``features`` channels, then 2×2 average pooling."""
 
     features: int
+    bn_axis_name: str | None = None  # pmap axis name for cross-device BatchNorm statistics
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = nn.relu(batch_norm(train=train, name="bn1")(x))
+        x = nn.relu(batch_norm(train=train, axis_name=self.bn_axis_name, name="bn1")(x))
         x = conv(self.features, 1, name="conv1")(x)
         return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
@@ -67,6 +72,7 @@ class DenseNetBC(nn.Module):
     depth: int = 100
     growth_rate: int = 12
     compression: float = 0.5
+    bn_axis_name: str | None = None  # pmap axis name for cross-device BatchNorm statistics
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -74,12 +80,16 @@ class DenseNetBC(nn.Module):
         channels = 2 * self.growth_rate
         x = conv(channels, 3, name="conv1")(x)
         for i in range(3):
-            x = DenseBlock(num_layers, self.growth_rate, name=f"block{i + 1}")(x, train=train)
+            x = DenseBlock(
+                num_layers, self.growth_rate, bn_axis_name=self.bn_axis_name, name=f"block{i + 1}"
+            )(x, train=train)
             channels += num_layers * self.growth_rate
             if i < 2:
                 channels = int(channels * self.compression)
-                x = Transition(channels, name=f"trans{i + 1}")(x, train=train)
-        x = nn.relu(batch_norm(train=train, name="bn1")(x))
+                x = Transition(channels, bn_axis_name=self.bn_axis_name, name=f"trans{i + 1}")(
+                    x, train=train
+                )
+        x = nn.relu(batch_norm(train=train, axis_name=self.bn_axis_name, name="bn1")(x))
         return jnp.mean(x, axis=(1, 2))
 
 

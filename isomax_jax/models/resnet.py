@@ -32,18 +32,21 @@ class BasicBlock(nn.Module):
     stride: int = 1
     shortcut: str = "projection"
     zero_init_last_bn: bool = False
+    bn_axis_name: str | None = None  # pmap axis name for cross-device BatchNorm statistics
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         out = conv(self.features, 3, stride=self.stride, name="conv1")(x)
-        out = nn.relu(batch_norm(train=train, name="bn1")(out))
+        out = nn.relu(batch_norm(train=train, axis_name=self.bn_axis_name, name="bn1")(out))
         out = conv(self.features, 3, name="conv2")(out)
-        out = batch_norm(train=train, zero_init=self.zero_init_last_bn, name="bn2")(out)
+        out = batch_norm(
+            train=train, axis_name=self.bn_axis_name, zero_init=self.zero_init_last_bn, name="bn2"
+        )(out)
         in_features = x.shape[-1]
         if self.stride != 1 or in_features != self.features:
             if self.shortcut == "projection":
                 x = conv(self.features, 1, stride=self.stride, name="shortcut_0")(x)
-                x = batch_norm(train=train, name="shortcut_1")(x)
+                x = batch_norm(train=train, axis_name=self.bn_axis_name, name="shortcut_1")(x)
             elif self.shortcut == "zero_pad":
                 # Option A as in the CIFAR ResNet paper: take every stride-th pixel (the same
                 # positions the strided 3×3 conv is centred on) and pad channels on both sides.
@@ -82,11 +85,12 @@ class CifarResNet(nn.Module):
     stem_stride: int = 1
     shortcut: str = "projection"
     zero_init_last_bn: bool = False
+    bn_axis_name: str | None = None  # pmap axis name for cross-device BatchNorm statistics
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         x = conv(self.stem_width, 3, stride=self.stem_stride, name="conv1")(x)
-        x = nn.relu(batch_norm(train=train, name="bn1")(x))
+        x = nn.relu(batch_norm(train=train, axis_name=self.bn_axis_name, name="bn1")(x))
         for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
             for j in range(blocks):
                 x = BasicBlock(
@@ -94,6 +98,7 @@ class CifarResNet(nn.Module):
                     stride=2 if (i > 0 and j == 0) else 1,
                     shortcut=self.shortcut,
                     zero_init_last_bn=self.zero_init_last_bn,
+                    bn_axis_name=self.bn_axis_name,
                     name=f"layer{i + 1}_{j}",
                 )(x, train=train)
         return jnp.mean(x, axis=(1, 2))

@@ -22,12 +22,13 @@ class WideBasicBlock(nn.Module):
 
     features: int
     stride: int = 1
+    bn_axis_name: str | None = None  # pmap axis name for cross-device BatchNorm statistics
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        out = nn.relu(batch_norm(train=train, name="bn1")(x))
+        out = nn.relu(batch_norm(train=train, axis_name=self.bn_axis_name, name="bn1")(x))
         out = conv(self.features, 3, use_bias=True, name="conv1")(out)
-        out = nn.relu(batch_norm(train=train, name="bn2")(out))
+        out = nn.relu(batch_norm(train=train, axis_name=self.bn_axis_name, name="bn2")(out))
         out = conv(self.features, 3, stride=self.stride, use_bias=True, name="conv2")(out)
         if self.stride != 1 or x.shape[-1] != self.features:
             x = conv(self.features, 1, stride=self.stride, use_bias=True, name="shortcut_0")(x)
@@ -46,6 +47,7 @@ class WideResNet(nn.Module):
 
     depth: int = 28
     widen_factor: int = 10
+    bn_axis_name: str | None = None  # pmap axis name for cross-device BatchNorm statistics
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -54,10 +56,13 @@ class WideResNet(nn.Module):
         for i, width in enumerate((16, 32, 64)):
             for j in range(blocks):
                 stride = 2 if (i > 0 and j == 0) else 1
-                x = WideBasicBlock(width * self.widen_factor, stride, name=f"layer{i + 1}_{j}")(
-                    x, train=train
-                )
-        x = nn.relu(batch_norm(train=train, name="bn1")(x))
+                x = WideBasicBlock(
+                    width * self.widen_factor,
+                    stride,
+                    bn_axis_name=self.bn_axis_name,
+                    name=f"layer{i + 1}_{j}",
+                )(x, train=train)
+        x = nn.relu(batch_norm(train=train, axis_name=self.bn_axis_name, name="bn1")(x))
         return jnp.mean(x, axis=(1, 2))
 
 
