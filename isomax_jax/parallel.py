@@ -171,10 +171,11 @@ def pmap_train_step(
     """``jax.pmap`` of the train step over local devices, gradients averaged over ``axis_name``.
 
     Takes a state from :func:`replicate` and a batch from :func:`split_for_pmap`. Results equal
-    the global-batch step when the model's BatchNorm uses ``axis_name`` too (``nn.BatchNorm(...,
-    axis_name="batch")``). Otherwise each device normalises with its own batch statistics
-    ("local" BatchNorm, as the PyTorch reference under ``nn.DataParallel``) and the running
-    statistics are averaged; only the jit+sharding path is then equal to one device.
+    the global-batch step when the model's BatchNorm uses ``axis_name`` too: build the model
+    with ``isomax_jax.models.get_model(..., bn_axis_name=PMAP_AXIS)`` (or give your own
+    ``nn.BatchNorm`` ``axis_name="batch"``). Otherwise each device normalises with its own
+    batch statistics ("local" BatchNorm, as the PyTorch reference under ``nn.DataParallel``)
+    and the running statistics are averaged; only the jit+sharding path is then equal to one device.
     """
     return jax.pmap(
         functools.partial(step_fn, axis_name=axis_name), axis_name=axis_name, donate_argnums=0
