@@ -19,15 +19,10 @@ from isomax_jax import validation
 
 
 def _check(logits, labels):
-    logits = jnp.asarray(logits)
-    labels = jnp.asarray(labels)
-    validation.check_rank("logits", logits, 2, "[batch, num_classes]")
-    validation.check_floating("logits", logits)
-    validation.check_integer("labels", labels)
-    validation.check_shape("labels", labels, logits.shape[:1], "[batch]")
+    logits, labels = validation.check_logits_labels(logits, labels)
     if logits.shape[0] == 0:
         raise ValueError("`logits` must hold at least one example; got shape (0, ...).")
-    return logits.astype(validation.compute_dtype(logits.dtype)), labels
+    return logits, labels
 
 
 def _ece(logits: jax.Array, labels: jax.Array, temperature: jax.Array, num_bins: int):

@@ -19,16 +19,6 @@ import jax.numpy as jnp
 from isomax_jax import validation
 
 
-def _check_logits_labels(logits, labels) -> tuple[jax.Array, jax.Array]:
-    logits = jnp.asarray(logits)
-    labels = jnp.asarray(labels)
-    validation.check_rank("logits", logits, 2, "[batch, num_classes]")
-    validation.check_floating("logits", logits)
-    validation.check_integer("labels", labels)
-    validation.check_shape("labels", labels, logits.shape[:1], "[batch]")
-    return logits.astype(validation.compute_dtype(logits.dtype)), labels
-
-
 def _label_in_range(labels: jax.Array, num_classes: int) -> jax.Array:
     return (labels >= 0) & (labels < num_classes)
 
@@ -81,7 +71,7 @@ def isomax_loss(
       >>> isomax_loss(logits, jnp.array([0, 1]))
       Array([4.539890e-05, 6.931472e-01], dtype=float32)
     """
-    logits, labels = _check_logits_labels(logits, labels)
+    logits, labels = validation.check_logits_labels(logits, labels)
     return _target_cross_entropy(entropic_scale * logits, labels)
 
 
@@ -208,7 +198,7 @@ def dismax_fpr_loss(
       >>> dismax_fpr_loss(logits, jnp.array([0, 1, 1, 2]))
       Array(0.7520387, dtype=float32)
     """
-    logits, labels = _check_logits_labels(logits, labels)
+    logits, labels = validation.check_logits_labels(logits, labels)
     batch, num_classes = logits.shape
     if batch < 2:
         raise ValueError(f"`logits` needs a batch of at least 2 for FPR; got shape {logits.shape}.")

@@ -58,6 +58,20 @@ def compute_dtype(*dtypes) -> jnp.dtype:
     return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
+def check_logits_labels(logits, labels) -> tuple[jax.Array, jax.Array]:
+    """Checks ``[batch, num_classes]`` floating logits and ``[batch]`` integer labels.
+
+    Returns the logits in the compute dtype (float32 or wider) and the labels as arrays.
+    """
+    logits = jnp.asarray(logits)
+    labels = jnp.asarray(labels)
+    check_rank("logits", logits, 2, "[batch, num_classes]")
+    check_floating("logits", logits)
+    check_integer("labels", labels)
+    check_shape("labels", labels, logits.shape[:1], "[batch]")
+    return logits.astype(compute_dtype(logits.dtype)), labels
+
+
 def validate_labels(labels: jax.typing.ArrayLike, num_classes: int) -> np.ndarray:
     """Eagerly checks integer class labels; use it outside ``jit`` on data you do not trust.
 
