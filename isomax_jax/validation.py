@@ -1,9 +1,11 @@
-"""Trace-time argument checks and an eager label validator.
+"""Trace-time argument checks and eager value checks.
 
-The checks here only look at static shapes and dtypes, so they run while a function is traced
-(inside or outside ``jax.jit``) and raise ``ValueError``/``TypeError`` naming the argument, its
-actual shape or dtype and the expected one. Value checks (such as out-of-range labels) cannot run
-inside ``jit``; :func:`validate_labels` does them eagerly.
+The shape/dtype checks only look at static shapes and dtypes, so they run while a function is
+traced (inside or outside ``jax.jit``) and raise ``ValueError``/``TypeError`` naming the argument,
+its actual shape or dtype and the expected one. Value checks (out-of-range labels, NaN logits, a
+non-positive temperature) cannot raise inside ``jit``: :func:`validate_labels` and
+:func:`check_finite` need concrete values, and :func:`check_positive_scalar` checks a concrete
+value and lets a traced one through (the caller then returns NaN for a bad one).
 """
 
 from __future__ import annotations
@@ -52,6 +54,61 @@ def check_shape(name: str, x: jax.typing.ArrayLike, shape: Sequence[int], expect
         raise ValueError(f"`{name}` must have shape {expected} = {tuple(shape)}; got {actual}.")
 
 
+def is_concrete(*xs) -> bool:
+    """True when none of ``xs`` is a JAX tracer (so its values can be read on the host)."""
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def check_positive_scalar(name: str, value) -> None:
+    """Checks a scalar hyperparameter such as a temperature: finite and ``> 0``.
+
+    Static properties (a real number, rank 0) are checked always, also while tracing; the value
+    only when it is concrete (a Python number, a NumPy or a non-traced JAX scalar). A traced value
+    passes: functions that accept one document what they return for a bad value (NaN).
+
+    Raises:
+      TypeError: ``value`` is a bool, a string or not a real number.
+      ValueError: ``value`` is not a scalar, or a concrete value is NaN, infinite or ``<= 0``.
+
+    Example:
+      >>> check_positive_scalar("temperature", 0.5)
+      >>> check_positive_scalar("temperature", 0.0)
+      Traceback (most recent call last):
+      ...
+      ValueError: `temperature` must be a finite number > 0; got 0.0.
+    """
+    if isinstance(value, bool | str | bytes) or value is None:
+        raise TypeError(f"`{name}` must be a real number; got {value!r}.")
+    try:
+        dtype = jnp.result_type(value)
+    except TypeError as e:
+        raise TypeError(f"`{name}` must be a real number; got {value!r}.") from e
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"`{name}` must be a real number; got dtype {dtype}.")
+    if np.ndim(value) != 0:
+        raise ValueError(f"`{name}` must be a scalar; got shape {tuple(np.shape(value))}.")
+    if is_concrete(value):
+        number = float(np.asarray(value))
+        if not (np.isfinite(number) and number > 0):
+            raise ValueError(f"`{name}` must be a finite number > 0; got {number!r}.")
+
+
+def check_finite(name: str, x: jax.typing.ArrayLike) -> None:
+    """Eagerly raises ``ValueError`` if a concrete array holds NaN or infinite values.
+
+    The message gives the count and the index of the first one. A traced ``x`` is not checked.
+    """
+    if not is_concrete(x):
+        return
+    bad = ~np.isfinite(np.asarray(x))
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"`{name}` must be finite; got {int(bad.sum())} NaN/inf value(s), e.g. "
+            f"{np.asarray(x)[index]} at index {index}."
+        )
+
+
 def compute_dtype(*dtypes) -> jnp.dtype:
     """The dtype distances, losses and scores are computed in: the inputs' common type, at least
     float32 (so bfloat16/float16 inputs give float32 results)."""
@@ -98,7 +155,7 @@ def validate_labels(labels: jax.typing.ArrayLike, num_classes: int) -> np.ndarra
       ...
       ValueError: `labels` must lie in [0, 3); got 1 out-of-range value(s), e.g. 3 at index (1,).
     """
-    if isinstance(labels, jax.core.Tracer):
+    if not is_concrete(labels):
         raise TypeError("`validate_labels` needs concrete labels; call it outside `jax.jit`.")
     array = np.asarray(labels)
     check_integer("labels", array)

@@ -86,3 +86,88 @@ def test_bad_inputs(name):
         fn(np.zeros(3, np.float32))
     with pytest.raises(TypeError, match="`logits` must have a floating-point dtype"):
         fn(np.zeros((2, 3), np.int32))
+
+
+INF = np.inf
+# Rows of extended-real logits and the score each one must give (see the module docstring).
+INFINITE_ROWS = [[-INF, 0.0], [INF, 0.0], [INF, INF], [-INF, -INF], [INF, -INF], [-INF, 2.0]]
+INFINITE_EXPECTED = {
+    "max_probability": [1.0, 1.0, 0.5, 0.5, 1.0, 1.0],
+    "entropic": [0.0, 0.0, -np.log(2.0), -np.log(2.0), 0.0, 0.0],
+    "min_distance": [0.0, INF, INF, -INF, INF, 2.0],
+    "mmls": [-INF, INF, INF, -INF, np.nan, -INF],
+    "mmles": [-INF, INF, INF, -INF, np.nan, -INF],
+    "energy": [0.0, INF, INF, -INF, INF, 2.0],
+}
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_infinite_logits_give_the_extended_real_value(name):
+    logits = np.array(INFINITE_ROWS, np.float32)
+    fn = getattr(scores, name)
+    for out in (fn(logits), jax.jit(fn)(logits)):
+        np.testing.assert_allclose(out, INFINITE_EXPECTED[name], rtol=1e-6, atol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["max_probability", "entropic"])
+def test_bounded_scores_are_finite_for_every_nan_free_input(name):
+    """The README's promise: ES (and MPS) never return NaN unless a logit is NaN."""
+    rng = np.random.default_rng(3)
+    values = np.array([-INF, INF, 0.0, -1e30, 1e30, 3.0, -3.0, 1e-40], np.float32)
+    logits = rng.choice(values, size=(4000, 4))
+    out = np.asarray(getattr(scores, name)(logits))
+    assert np.all(np.isfinite(out)), logits[~np.isfinite(out)][:5]
+    low = 0.25 if name == "max_probability" else -np.log(4.0)
+    assert np.all(out >= low - 1e-6) and np.all(out <= 1.0)
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_nan_logit_gives_nan_for_its_row_only(name):
+    logits = np.array([[np.nan, 0.0, 1.0], [0.5, 0.0, 1.0]], np.float32)
+    out = np.asarray(getattr(scores, name)(logits))
+    assert np.isnan(out[0]) and np.isfinite(out[1])
+    np.testing.assert_allclose(out[1], REFERENCES[name](logits[1:])[0], rtol=1e-5)
+
+
+def test_gradients_finite_with_an_infinite_logit():
+    logits = jnp.array([[-INF, 0.0, 1.0], [2.0, -INF, -INF]])
+    for name in ("max_probability", "entropic", "mmles"):
+        fn = getattr(scores, name)
+        grad = jax.grad(lambda z, fn=fn: jnp.sum(fn(z)))(logits)
+        finite = np.isfinite(np.asarray(logits))
+        assert np.all(np.isfinite(np.asarray(grad)[finite])), name
+
+
+@pytest.mark.parametrize("name", ["max_probability", "entropic", "mmles"])
+def test_one_class_is_refused_where_the_score_is_constant(name):
+    with pytest.raises(ValueError, match=rf"at least 2 class\(es\) for {name}.*\(3, 1\)"):
+        getattr(scores, name)(np.zeros((3, 1), np.float32))
+
+
+@pytest.mark.parametrize("name", ["min_distance", "mmls", "energy"])
+def test_one_class_is_fine_where_the_score_is_defined(name):
+    logits = np.array([[-1.0], [-4.0]], np.float32)
+    np.testing.assert_allclose(getattr(scores, name)(logits), REFERENCES[name](logits), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_zero_classes_refused(name):
+    with pytest.raises(ValueError, match=r"at least \d class\(es\)"):
+        getattr(scores, name)(np.zeros((3, 0), np.float32))
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, np.inf, np.nan, jnp.float32(0.0)])
+def test_energy_bad_temperature_raises(temperature):
+    with pytest.raises(ValueError, match="`temperature` must be a finite number > 0"):
+        scores.energy(_logits(0), temperature=temperature)
+
+
+def test_energy_temperature_type_and_traced_value():
+    with pytest.raises(TypeError, match="`temperature` must be a real number"):
+        scores.energy(_logits(0), temperature="2")
+    with pytest.raises(ValueError, match="`temperature` must be a scalar"):
+        scores.energy(_logits(0), temperature=np.ones(7))
+    f = jax.jit(lambda z, t: scores.energy(z, temperature=t))
+    np.testing.assert_allclose(f(_logits(0), 2.0), scores.energy(_logits(0), temperature=2.0))
+    for bad in (0.0, -2.0, np.inf, np.nan):  # traced: cannot raise, NaN instead of garbage
+        assert np.all(np.isnan(f(_logits(0), bad))), bad
