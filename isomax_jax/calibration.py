@@ -6,23 +6,47 @@ logits over ``T in [0.001, 100]`` with L-BFGS-B and finite-difference gradients 
 at the start; here the search is a deterministic grid in ``log T`` over the same interval followed
 by a finer grid around the best point, which reaches an ECE at least as low in practice (see
 ``tests/parity/test_parity_core.py``). Everything is pure JAX and runs under ``jit``.
+
+**Input checks.** Shapes and dtypes are checked always (``ValueError``/``TypeError`` naming the
+argument). With concrete inputs the values are checked too, so no meaningless number comes back:
+NaN/inf logits, labels outside ``[0, num_classes)``, a temperature that is not a finite number
+``> 0``, ``num_bins < 1``, ``bounds`` that are not finite with ``0 < low < high`` and
+``num_candidates < 2`` raise ``ValueError`` naming the argument. Under ``jit`` the value checks
+on traced arrays cannot raise: the ECE and the temperature are NaN instead.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from isomax_jax import validation
 
 
-def _check(logits, labels):
+def _check(logits, labels, num_bins):
+    """Static checks always; value checks when concrete. Returns (logits, labels)."""
     logits, labels = validation.check_logits_labels(logits, labels)
     if logits.shape[0] == 0:
         raise ValueError("`logits` must hold at least one example; got shape (0, ...).")
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int | np.integer):
+        raise TypeError(f"`num_bins` must be a Python int (it is static); got {num_bins!r}.")
+    if num_bins < 1:
+        raise ValueError(f"`num_bins` must be at least 1; got {num_bins}.")
+    if validation.is_concrete(logits):
+        validation.check_finite("logits", logits)
+    if validation.is_concrete(labels):
+        validation.validate_labels(labels, logits.shape[1])
     return logits, labels
+
+
+def _valid(logits, labels):
+    """True when every logit is finite and every label in range (the traced-input guard)."""
+    in_range = jnp.all((labels >= 0) & (labels < logits.shape[1]))
+    return in_range & jnp.all(jnp.isfinite(logits))
 
 
 def _ece(logits: jax.Array, labels: jax.Array, temperature: jax.Array, num_bins: int):
@@ -51,20 +75,30 @@ def expected_calibration_error(
     Args:
       logits: ``[batch, num_classes]`` held-out logits.
       labels: ``[batch]`` integer labels.
-      temperature: scalar ``T > 0``.
-      num_bins: number of bins (15 in the papers).
+      temperature: scalar ``T``, finite and ``> 0``.
+      num_bins: number of bins (15 in the papers), a Python int ``>= 1``.
 
     Returns:
-      Scalar ECE in ``[0, 1]``, float32 or wider.
+      Scalar ECE in ``[0, 1]``, float32 or wider; NaN under ``jit`` for invalid traced values
+      (see the module doc).
+
+    Raises:
+      ValueError, TypeError: bad shapes/dtypes; with concrete inputs also NaN/inf logits,
+        out-of-range labels, a temperature that is not finite and ``> 0``, ``num_bins < 1``.
 
     Example:
       >>> logits = jnp.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
       >>> expected_calibration_error(logits, jnp.array([0, 1, 1]))
       Array(0.21413036, dtype=float32)
     """
-    logits, labels = _check(logits, labels)
+    validation.check_positive_scalar("temperature", temperature)
+    logits, labels = _check(logits, labels, num_bins)
     temperature = jnp.asarray(temperature, logits.dtype)
-    return _ece(logits, labels, temperature, num_bins)
+    ece = _ece(logits, labels, temperature, num_bins)
+    if validation.is_concrete(logits, labels, temperature):
+        return ece
+    valid = _valid(logits, labels) & (temperature > 0) & jnp.isfinite(temperature)
+    return jnp.where(valid, ece, jnp.nan)
 
 
 def calibrate_temperature(
@@ -85,12 +119,18 @@ def calibrate_temperature(
     Args:
       logits: ``[batch, num_classes]`` held-out (validation) logits at temperature 1.
       labels: ``[batch]`` integer labels.
-      num_bins: ECE bins (15 in the papers).
-      bounds: ``(low, high)`` search interval, ``0 < low < high`` (the reference's default).
-      num_candidates: grid size of each of the two passes.
+      num_bins: ECE bins (15 in the papers), a Python int ``>= 1``.
+      bounds: ``(low, high)`` search interval, finite with ``0 < low < high`` (the reference's
+        default).
+      num_candidates: grid size of each of the two passes, a Python int ``>= 2``.
 
     Returns:
-      Scalar temperature, float32 or wider.
+      Scalar temperature, float32 or wider; NaN under ``jit`` when the traced logits hold
+      NaN/inf or a label is out of range.
+
+    Raises:
+      ValueError, TypeError: bad shapes/dtypes or arguments; with concrete inputs also NaN/inf
+        logits and out-of-range labels (the search would otherwise return a meaningless bound).
 
     Example:
       >>> logits = 5.0 * jax.random.normal(jax.random.key(0), (256, 10))
@@ -100,13 +140,23 @@ def calibrate_temperature(
       ...      < expected_calibration_error(logits, labels))
       True
     """
-    logits, labels = _check(logits, labels)
-    low, high = bounds
-    if not 0 < low < high:
-        raise ValueError(f"`bounds` must satisfy 0 < low < high; got {bounds}.")
+    logits, labels = _check(logits, labels, num_bins)
+    low, high = _check_bounds(bounds)
+    if isinstance(num_candidates, bool) or not isinstance(num_candidates, int | np.integer):
+        raise TypeError(f"`num_candidates` must be a Python int; got {num_candidates!r}.")
     if num_candidates < 2:
         raise ValueError(f"`num_candidates` must be at least 2; got {num_candidates}.")
-    return _calibrate(logits, labels, num_bins, float(low), float(high), num_candidates)
+    return _calibrate(logits, labels, int(num_bins), low, high, int(num_candidates))
+
+
+def _check_bounds(bounds) -> tuple[float, float]:
+    try:
+        low, high = (float(b) for b in bounds)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"`bounds` must be a pair of numbers (low, high); got {bounds!r}.") from e
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low < high):
+        raise ValueError(f"`bounds` must be finite with 0 < low < high; got {bounds!r}.")
+    return low, high
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
@@ -125,4 +175,4 @@ def _calibrate(logits, labels, num_bins, low, high, num_candidates):
     fine_t, fine_best, fine_ece = search(fine_low, fine_high)
     coarse_ece = _ece(logits, labels, jnp.exp(log_t[best]), num_bins)
     chosen = jnp.where(fine_ece <= coarse_ece, fine_t[fine_best], log_t[best])
-    return jnp.clip(jnp.exp(chosen), low, high)
+    return jnp.where(_valid(logits, labels), jnp.clip(jnp.exp(chosen), low, high), jnp.nan)

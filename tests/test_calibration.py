@@ -58,3 +58,86 @@ def test_bad_inputs():
         calibrate_temperature(logits, labels, bounds=(2.0, 1.0))
     with pytest.raises(TypeError, match="`labels` must have an integer dtype"):
         expected_calibration_error(logits, labels.astype(np.float32))
+
+
+def _with(array, index, value):
+    array = array.copy()
+    array[index] = value
+    return array
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [  # each of these returned a plausible temperature (0.001, 12.59, 100.0, NaN) before
+        (dict(logits=np.full((10, 10), np.nan, np.float32)), "`logits` must be finite; got 100"),
+        (
+            dict(logits="one_inf"),
+            r"`logits` must be finite; got 1 NaN/inf .* inf at index \(3, 1\)",
+        ),
+        (dict(logits="one_nan"), r"`logits` must be finite; got 1 NaN/inf .* at index \(0, 0\)"),
+        (dict(labels="out_of_range"), r"`labels` must lie in \[0, 10\); got 1 out-of-range"),
+        (dict(labels="negative"), r"`labels` must lie in \[0, 10\); got 1 out-of-range"),
+        (dict(num_bins=0), "`num_bins` must be at least 1; got 0"),
+        (
+            dict(bounds=(1.0, np.inf)),
+            r"`bounds` must be finite with 0 < low < high; got \(1.0, inf\)",
+        ),
+        (dict(bounds=(np.nan, 1.0)), "`bounds` must be finite with 0 < low < high"),
+        (dict(bounds=(0.0, 1.0)), "`bounds` must be finite with 0 < low < high"),
+        (dict(bounds=(1.0,)), r"`bounds` must be a pair of numbers"),
+        (dict(num_candidates=1), "`num_candidates` must be at least 2; got 1"),
+    ],
+)
+def test_calibrate_temperature_refuses_meaningless_input(kwargs, match):
+    logits, labels = _overconfident(2, n=10)
+    special = {
+        "one_inf": _with(logits, (3, 1), np.inf),
+        "one_nan": _with(logits, (0, 0), np.nan),
+        "out_of_range": _with(labels, 4, 10),
+        "negative": _with(labels, 0, -1),
+    }
+    args = dict(logits=logits, labels=labels) | kwargs
+    args = {k: special.get(v, v) if isinstance(v, str) else v for k, v in args.items()}
+    with pytest.raises(ValueError, match=match):
+        calibrate_temperature(args.pop("logits"), args.pop("labels"), **args)
+
+
+def test_calibrate_temperature_type_errors():
+    logits, labels = _overconfident(2, n=10)
+    with pytest.raises(TypeError, match="`num_bins` must be a Python int"):
+        calibrate_temperature(logits, labels, num_bins=15.0)
+    with pytest.raises(TypeError, match="`num_candidates` must be a Python int"):
+        calibrate_temperature(logits, labels, num_candidates=True)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, np.inf, np.nan])
+def test_ece_refuses_bad_temperature(temperature):
+    """T = 0 used to return 0.0, i.e. "perfectly calibrated"."""
+    logits, labels = _overconfident(2, n=10)
+    with pytest.raises(ValueError, match="`temperature` must be a finite number > 0"):
+        expected_calibration_error(logits, labels, temperature=temperature)
+
+
+def test_ece_refuses_bad_values_and_bins():
+    logits, labels = _overconfident(2, n=10)
+    with pytest.raises(ValueError, match="`logits` must be finite"):
+        expected_calibration_error(_with(logits, (1, 1), -np.inf), labels)
+    with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 10\)"):
+        expected_calibration_error(logits, _with(labels, 2, 11))
+    with pytest.raises(ValueError, match="`num_bins` must be at least 1; got 0"):
+        expected_calibration_error(logits, labels, num_bins=0)
+
+
+def test_traced_bad_values_give_nan():
+    """Under jit the values cannot raise: NaN, never a plausible number."""
+    logits, labels = _overconfident(3, n=50)
+    ece = jax.jit(lambda z, y, t: expected_calibration_error(z, y, temperature=t))
+    np.testing.assert_allclose(ece(logits, labels, 2.0), np_ece(logits, labels, 2.0), rtol=1e-5)
+    for t in (0.0, -1.0, np.inf):
+        assert np.isnan(ece(logits, labels, t)), t
+    assert np.isnan(ece(_with(logits, (0, 0), np.nan), labels, 1.0))
+    assert np.isnan(ece(logits, _with(labels, 0, 10), 1.0))
+    calibrate = jax.jit(lambda z, y: calibrate_temperature(z, y, num_candidates=16))
+    assert np.isfinite(calibrate(logits, labels))
+    assert np.isnan(calibrate(np.full_like(logits, np.nan), labels))
+    assert np.isnan(calibrate(logits, _with(labels, 0, -1)))
