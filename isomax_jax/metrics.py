@@ -4,7 +4,7 @@ Scores follow one rule throughout: **higher = more in-distribution**. :func:`ood
 ``tnr_at_tpr``, ``fpr_at_tpr`` (``= 1 - tnr_at_tpr``), ``auroc``, ``aupr_in``, ``aupr_out`` and
 ``detection_accuracy`` as fractions in [0, 1] (multiply by 100 only to format them, see
 :mod:`isomax_jax.tables`). Two conventions exist in the literature and give different numbers on
-the same scores (REFERENCE.md §3), so the convention is an explicit argument:
+the same scores (``docs/metrics.md``), so the convention is an explicit argument:
 
 * ``"reference"`` -- the IsoMax papers' ``calculate_log.py`` (inherited from the Mahalanobis code):
   in-distribution is positive; a threshold sweeps upward through the sorted scores, removing one
@@ -12,7 +12,7 @@ the same scores (REFERENCE.md §3), so the convention is an explicit argument:
   points). ``tnr_at_tpr`` is the fraction of OOD inputs rejected at the sweep point whose
   in-distribution acceptance rate is closest to ``tpr`` (the first such point of the sweep, i.e.
   the largest FPR among equally close points). AUROC, AUPR-in and AUPR-out are the trapezoids with
-  the paddings of REFERENCE.md §3; with tied scores this AUROC counts ties as errors (it is the
+  the paddings of ``docs/metrics.md``; with tied scores this AUROC counts ties as errors (it is the
   probability that an in-distribution score is *strictly* above an OOD one).
 * ``"openood"`` -- OpenOOD v1.5: OOD is positive and the score is negated; scikit-learn's
   ``roc_curve`` (``drop_intermediate=True``) and ``precision_recall_curve``, where tied scores form
@@ -30,13 +30,15 @@ computed in float32 at least (bfloat16/float16 are upcast) and in float64 when g
 ``jax_enable_x64``. The few decisions that compare a rate with ``tpr`` (``k / n`` closest to
 ``tpr``; first ``k / n >= tpr``) use IEEE division in the working dtype, exactly as NumPy does in
 float64; in float32 a rate within float32 rounding of ``tpr`` can resolve the other way than the
-float64 reference code. The function is ``jax.jit``-able (``convention`` is static; ``tpr`` may be a
-Python float or a traced scalar) and ``jax.vmap``-able, so one call evaluates a stack of OOD sets
-padded to one length with ``out_mask``.
+float64 reference code. Eager and jitted calls give bit-identical results, also when the inputs
+are constants inside the caller's ``jit``. The function is ``jax.jit``-able (``convention`` is
+static; ``tpr`` may be a Python float or a traced scalar) and ``jax.vmap``-able, so one call
+evaluates a stack of OOD sets padded to one length with ``out_mask``.
 
 Bad input: with concrete (non-traced) inputs, an empty or fully masked score set, a NaN/inf among
-the unmasked scores or ``tpr`` outside (0, 1) raise ``ValueError``; integer/bool scores raise
-``TypeError`` and non-1-D scores or masks of the wrong shape ``ValueError`` (also under ``jit``).
+the unmasked scores or ``tpr`` outside (0, 1) raise ``ValueError``; integer/bool scores and
+non-boolean masks raise ``TypeError`` and non-1-D scores or masks of the wrong shape ``ValueError``
+(also under ``jit``). Masks must be boolean: a float mask such as ``0.5`` has no meaning.
 Under ``jit``/``vmap`` the value checks cannot raise, so **every** metric is NaN instead.
 """
 
@@ -78,7 +80,11 @@ def _prepare(scores, mask, name: str, mask_name: str):
             raise ValueError(
                 f"{mask_name} must have the shape of {name} {scores.shape}, got {mask.shape}"
             )
-        mask = mask != 0
+        if mask.dtype != jnp.bool_:
+            raise TypeError(
+                f"{mask_name} must be a boolean mask (True = a real score, False = padding), "
+                f"got dtype {mask.dtype}; use e.g. `{mask_name}.astype(bool)` for a 0/1 mask"
+            )
     return scores, mask
 
 
@@ -87,8 +93,13 @@ def _is_concrete(*xs) -> bool:
 
 
 def _check_values(scores, mask, name: str, mask_name: str) -> None:
-    """Eager value checks, reduced on device (two scalars reach the host)."""
-    n_valid, n_bad = (int(v) for v in _count_valid_bad(scores, mask))
+    """Eager value checks, reduced on device (two scalars reach the host).
+
+    Concrete inputs may also be constants inside a caller's ``jit``: the reduction is then
+    evaluated at trace time, not staged.
+    """
+    with jax.ensure_compile_time_eval():
+        n_valid, n_bad = (int(v) for v in _count_valid_bad(scores, mask))
     if n_valid == 0:
         raise ValueError(f"{name} has no unmasked score ({mask_name} is all False)")
     if n_bad:
@@ -157,7 +168,7 @@ def _first_count_reaching(n, tpr, dtype):
 
 
 def _reference(in_keys, out_keys, n_in, n_out, tpr, dtype):
-    """Reference sweep (REFERENCE.md §3), from per-sample counts instead of the explicit sweep.
+    """Reference sweep (``docs/metrics.md``), from per-sample counts instead of the explicit sweep.
 
     With I, O the sorted scores: in-sample j (0-based) is removed when ``lt[j] = #{O < I[j]}``
     OOD scores have been removed (tie: in first). Its removal is the only step that moves TPR,
@@ -261,6 +272,13 @@ def _ood_metrics(in_scores, out_scores, in_mask, out_mask, tpr, *, convention):
     dtype = jnp.result_type(in_scores, out_scores)
     in_scores, out_scores = in_scores.astype(dtype), out_scores.astype(dtype)
     tpr = jnp.asarray(tpr, dtype)
+    # Eager and jitted calls must give the same bits. Inside a caller's jit, a mask or tpr built
+    # there is a compile-time constant, and XLA then rewrites ``x / n`` into ``x * (1 / n)`` and
+    # fuses ``1 - x * r`` into one FMA: on all-equal scores TNR became 2.2e-08 instead of 0.
+    # The barrier hides the inputs' values from the compiler, so the program is the same.
+    in_scores, out_scores, in_mask, out_mask, tpr = lax.optimization_barrier(
+        (in_scores, out_scores, in_mask, out_mask, tpr)
+    )
     n_in = jnp.sum(in_mask, dtype=jnp.int32)
     n_out = jnp.sum(out_mask, dtype=jnp.int32)
     finite = jnp.all(jnp.isfinite(in_scores) | ~in_mask) & jnp.all(
@@ -308,8 +326,8 @@ def ood_metrics(
       convention: ``"reference"`` (the IsoMax papers) or ``"openood"`` (OpenOOD v1.5 /
         scikit-learn); static under ``jit``.
       tpr: target true-positive rate in (0, 1); a Python float or a (possibly traced) scalar.
-      in_mask: optional [n_in] bool (or 0/1) mask; False marks padding, excluded exactly.
-      out_mask: optional [n_out] mask, likewise.
+      in_mask: optional [n_in] boolean mask; False marks padding, excluded exactly.
+      out_mask: optional [n_out] boolean mask, likewise.
 
     Returns:
       A dict with float scalars ``tnr_at_tpr``, ``fpr_at_tpr``, ``auroc``, ``aupr_in``,
@@ -318,7 +336,7 @@ def ood_metrics(
       (0, 1)) give NaN for every metric.
 
     Raises:
-      TypeError: non-floating scores.
+      TypeError: non-floating scores, non-boolean masks.
       ValueError: non-1-D or empty scores, a mask of another shape, an unknown convention; with
         concrete inputs also NaN/inf unmasked scores, all entries masked, ``tpr`` outside (0, 1).
 

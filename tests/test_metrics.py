@@ -177,13 +177,11 @@ def test_exact_float64_padded_vmapped(batched, case_index):
 
 
 def test_looped_eager_equal_vmapped_jitted(x64, batched):
-    """One set at a time, eagerly (masked row, float mask; and unpadded) == the jitted vmap."""
+    """One set at a time, eagerly (masked row; and unpadded) == the jitted vmap."""
     convention, got, (ins, im, outs, om) = batched
     row = sorted(CASES).index("tied_2dec")
     i, a, o, b = (jnp.asarray(x[row]) for x in (ins, im, outs, om))
-    looped = _np(
-        ood_metrics(i, o, in_mask=a, out_mask=b.astype(jnp.float32), convention=convention)
-    )
+    looped = _np(ood_metrics(i, o, in_mask=a, out_mask=b, convention=convention))
     eager = _np(ood_metrics(*map(jnp.asarray, CASES["tied_2dec"]), convention=convention))
     for k in METRIC_NAMES:
         np.testing.assert_allclose(looped[k], got[k][0, row], **TOL64, err_msg=k)
@@ -291,6 +289,45 @@ def test_bad_values_under_jit_give_nan(batched, row):
     _, got, _ = batched
     for k in METRIC_NAMES:
         assert np.all(np.isnan(got[k][:, len(CASES) + row])), k
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.int32, jnp.uint8])
+def test_non_boolean_masks_refused(dtype):
+    """A float mask used to be read as ``mask != 0``: 0.5 counted as a real score."""
+    for kwargs in (dict(in_mask=jnp.full(3, 0.5)), dict(out_mask=jnp.ones(3))):
+        kwargs = {k: v.astype(dtype) for k, v in kwargs.items()}
+        (name,) = kwargs
+        with pytest.raises(TypeError, match=rf"{name} must be a boolean mask .* got dtype"):
+            ood_metrics(GOOD, GOOD, **kwargs)
+        with pytest.raises(TypeError, match=rf"{name} must be a boolean mask"):
+            jax.jit(lambda i, o, kw=kwargs: ood_metrics(i, o, **kw))(GOOD, GOOD)
+
+
+def _equal_scores_cases():
+    rng = np.random.default_rng(5)
+    return [
+        (np.ones(100), np.ones(100)),  # all equal: TNR was 2.2e-08 under jit, 0.0 eagerly
+        (np.full(37, -2.5), np.full(91, -2.5)),
+        (rng.integers(0, 3, 200).astype(float), rng.integers(0, 3, 77).astype(float)),
+        (rng.normal(size=1000), rng.normal(size=333)),
+    ]
+
+
+@pytest.mark.parametrize("convention", ["reference", "openood"])
+@pytest.mark.parametrize("case", range(4))
+def test_eager_and_jit_give_identical_bits(convention, case):
+    """Eager, jitted with arguments, and jitted with the inputs as compile-time constants."""
+    ins, outs = (jnp.asarray(x, jnp.float32) for x in _equal_scores_cases()[case])
+    eager = _np(ood_metrics(ins, outs, convention=convention))
+    jitted = _np(jax.jit(lambda i, o: ood_metrics(i, o, convention=convention))(ins, outs))
+    constants = _np(jax.jit(lambda: ood_metrics(ins, outs, convention=convention))())
+    traced_tpr = jax.jit(lambda i, o, t: ood_metrics(i, o, tpr=t, convention=convention))
+    masks = dict(in_mask=jnp.ones(ins.shape, bool), out_mask=jnp.ones(outs.shape, bool))
+    masked = _np(jax.jit(lambda i, o: ood_metrics(i, o, convention=convention, **masks))(ins, outs))
+    for other in (jitted, constants, _np(traced_tpr(ins, outs, 0.95)), masked):
+        assert other == eager
+    if case < 2:  # all scores equal: nothing is separated
+        assert eager["tnr_at_tpr"] == 0.0 and eager["fpr_at_tpr"] == 1.0
 
 
 def test_static_errors_raise_under_jit():
