@@ -1,7 +1,7 @@
 """Deployment thresholds: classify single inputs as in-distribution or OOD.
 
 The most frequent question from users of the reference code is how to turn a score into a
-decision for one input. The answer (REFERENCE.md §3): fit a threshold on *in-distribution
+decision for one input. The answer (``docs/metrics.md``): fit a threshold on *in-distribution
 validation* scores at a target true-positive rate, and store it with the model.
 :func:`fit_threshold` does the first; :class:`OODDetector` is the small serialisable object
 (score name + threshold + target TPR + metric convention) that classifies single inputs or batches
@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from isomax_jax import metrics as _metrics
 from isomax_jax import scores as _scores
@@ -36,6 +37,7 @@ def _apply_score(logits, *, score):
 def _fit(scores, mask, tpr):
     dtype = scores.dtype
     tpr = jnp.asarray(tpr, dtype)
+    scores, mask, tpr = lax.optimization_barrier((scores, mask, tpr))  # see metrics._ood_metrics
     n = jnp.sum(mask, dtype=jnp.int32)
     ok = jnp.all(jnp.isfinite(scores) | ~mask) & (n > 0) & (tpr > 0) & (tpr < 1)
     m = _metrics._first_count_reaching(jnp.maximum(n, 1), tpr, dtype)  # accept >= m of n
@@ -60,7 +62,7 @@ def fit_threshold(
     Args:
       in_scores: [n] float in-distribution validation scores (higher = more in-distribution).
       tpr: target fraction of in-distribution inputs to accept, in (0, 1).
-      in_mask: optional [n] mask; False marks padding.
+      in_mask: optional [n] boolean mask; False marks padding.
 
     Returns:
       A float scalar (float32, or float64 for float64 input with x64). Under ``jit``, NaN for
@@ -104,14 +106,17 @@ class OODDetector:
     convention: str = "reference"
 
     def __post_init__(self):
+        for name in ("score", "convention"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a str, got {getattr(self, name)!r}")
         if self.score not in SCORE_NAMES:
             raise ValueError(f"score must be one of {SCORE_NAMES}, got {self.score!r}")
         if self.convention not in _metrics.CONVENTIONS:
             raise ValueError(
                 f"convention must be one of {_metrics.CONVENTIONS}, got {self.convention!r}"
             )
-        object.__setattr__(self, "threshold", float(self.threshold))
-        object.__setattr__(self, "tpr", float(self.tpr))
+        object.__setattr__(self, "threshold", _real("threshold", self.threshold))
+        object.__setattr__(self, "tpr", _real("tpr", self.tpr))
         if not math.isfinite(self.threshold):
             raise ValueError(f"threshold must be finite, got {self.threshold}")
         if not 0.0 < self.tpr < 1.0:
@@ -180,16 +185,47 @@ class OODDetector:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> OODDetector:
+        """The detector of a :meth:`to_dict` dict, validated field by field.
+
+        ``score`` and ``threshold`` are required; ``tpr``, ``convention`` and ``format`` may be
+        left out (defaults ``0.95``, ``"reference"`` and the current format). Strings must be
+        strings and numbers JSON numbers: ``"threshold": "0.5"`` or ``true`` is refused.
+
+        Raises:
+          ValueError: ``data`` is not a mapping; a required field is missing; a field is unknown,
+            of the wrong type or out of range; an unknown ``format``.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(
+                f"a detector must be a JSON object / mapping of its fields, got "
+                f"{type(data).__name__}"
+            )
         data = dict(data)
         fmt = data.pop("format", _FORMAT)
         if fmt != _FORMAT:
             raise ValueError(f"unknown detector format {fmt!r}, expected {_FORMAT!r}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - fields
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(fields)
         if unknown:
             raise ValueError(
                 f"unknown detector fields {sorted(unknown)}; expected {sorted(fields)}"
             )
+        missing = [
+            name
+            for name, field in fields.items()
+            if name not in data and field.default is dataclasses.MISSING
+        ]
+        if missing:
+            raise ValueError(f"detector field(s) {missing} missing; got fields {sorted(data)}")
+        for name, value in data.items():
+            kind = str if name in ("score", "convention") else float
+            ok = isinstance(value, str) if kind is str else _is_json_number(value)
+            if not ok:
+                expected = "a string" if kind is str else "a number"
+                raise ValueError(
+                    f"detector field {name!r} must be {expected}, got {value!r} "
+                    f"({type(value).__name__})"
+                )
         return cls(**data)
 
     def to_json(self) -> str:
@@ -205,4 +241,27 @@ class OODDetector:
 
     @classmethod
     def from_json(cls, text: str) -> OODDetector:
-        return cls.from_dict(json.loads(text))
+        """The detector of a :meth:`to_json` text (see :meth:`from_dict` for the checks).
+
+        Raises:
+          ValueError: the text is not JSON, or not a valid detector.
+        """
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"detector JSON cannot be parsed: {e}") from e
+        return cls.from_dict(data)
+
+
+def _is_json_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _real(name: str, value: Any) -> float:
+    """``float(value)`` for real numbers (also NumPy/JAX scalars); TypeError for str/bool."""
+    if isinstance(value, str | bytes | bool) or value is None:
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be a real number, got {value!r}") from e

@@ -147,6 +147,60 @@ def test_detector_bad_input(data, match):
         OODDetector.from_dict(data)
 
 
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        (
+            '{"score": "entropic", "threshold": "0.5"}',
+            r"field 'threshold' must be a number, got '0.5'",
+        ),
+        (
+            '{"score": "entropic", "threshold": true}',
+            r"field 'threshold' must be a number, got True",
+        ),
+        (
+            '{"score": "entropic", "threshold": null}',
+            r"field 'threshold' must be a number, got None",
+        ),
+        ('{"score": "entropic", "threshold": 0.5, "tpr": "0.9"}', r"field 'tpr' must be a number"),
+        ('{"score": 3, "threshold": 0.5}', r"field 'score' must be a string, got 3"),
+        ('{"score": "entropic", "threshold": 0.5, "convention": ["reference"]}', "'convention'"),
+        ('{"score": "entropic"}', r"detector field\(s\) \['threshold'\] missing"),
+        ('{"threshold": 0.5}', r"detector field\(s\) \['score'\] missing"),
+        ('[{"score": "entropic", "threshold": 0.5}]', "must be a JSON object .* got list"),
+        ('"entropic"', "must be a JSON object .* got str"),
+        ('{"score": "entropic", "threshold": 0.5', "detector JSON cannot be parsed"),
+        ('{"score": "entropic", "threshold": NaN}', "threshold must be finite"),
+    ],
+)
+def test_detector_json_validated_field_by_field(text, match):
+    with pytest.raises(ValueError, match=match):
+        OODDetector.from_json(text)
+
+
+def test_detector_constructor_refuses_strings_and_bools():
+    with pytest.raises(TypeError, match="threshold must be a real number, got '0.5'"):
+        OODDetector(score="entropic", threshold="0.5")
+    with pytest.raises(TypeError, match="tpr must be a real number, got True"):
+        OODDetector(score="entropic", threshold=0.5, tpr=True)
+    with pytest.raises(TypeError, match="score must be a str"):
+        OODDetector(score=None, threshold=0.5)
+    det = OODDetector(score="entropic", threshold=np.float32(-0.25), tpr=jnp.asarray(0.9))
+    assert det.threshold == -0.25 and isinstance(det.threshold, float)
+    assert OODDetector.from_json(det.to_json()) == det
+
+
+def test_fit_threshold_masks_must_be_boolean_and_jit_equals_eager():
+    x = jnp.asarray(CASES["tied"], jnp.float32)
+    with pytest.raises(TypeError, match="in_mask must be a boolean mask"):
+        fit_threshold(x, in_mask=jnp.ones(x.shape, jnp.float32))
+    mask = jnp.ones(x.shape, bool)
+    eager = float(fit_threshold(x, in_mask=mask))
+    assert eager == float(jax.jit(lambda s: fit_threshold(s, in_mask=mask))(x))
+    assert eager == float(jax.jit(lambda: fit_threshold(x, in_mask=mask))())
+    assert eager == numpy_threshold(CASES["tied"], 0.95)
+
+
 def test_detector_bad_logits_shape():
     det = OODDetector(score="mmles", threshold=0.0)
     with pytest.raises(ValueError, match=r"\[num_classes\] or \[batch, num_classes\]"):
