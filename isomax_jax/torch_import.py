@@ -22,6 +22,10 @@ BN ``num_batches_tracked``               dropped
 
 Torch is imported only by :func:`load_torch_checkpoint` (and only to read the file, with
 ``weights_only=True``: a pickle that tries to run code is refused, never executed).
+
+Nothing questionable is imported silently: an empty, truncated or corrupted file raises
+``ValueError`` naming the file, and weights holding NaN or inf are refused (``ValueError`` listing
+the keys) unless ``allow_non_finite=True`` is passed.
 """
 
 from __future__ import annotations
@@ -116,11 +120,20 @@ def _listing(title: str, items: list[str]) -> str:
     return f"{title} ({len(items)}): {', '.join(shown)}{more}"
 
 
+def _non_finite(name: str, array: np.ndarray) -> str | None:
+    """``"name (k NaN, m inf of n)"`` if a floating array holds non-finite values, else None."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return None
+    nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+    return f"{name} ({nan} NaN, {inf} inf of {array.size})" if nan or inf else None
+
+
 def convert_state_dict(
     model: nn.Module,
     state_dict: Mapping[str, Any],
     *,
     image_shape: tuple[int, int, int] = (32, 32, 3),
+    allow_non_finite: bool = False,
 ) -> dict[str, Any]:
     """Converts a reference PyTorch ``state_dict`` into ``{"params", "batch_stats"}`` for ``model``.
 
@@ -130,14 +143,17 @@ def convert_state_dict(
       state_dict: torch key -> tensor (or array). A ``module.`` prefix on every key (saved from
         ``nn.DataParallel``) is removed.
       image_shape: ``(height, width, channels)`` used to trace the model's variable shapes.
+      allow_non_finite: import weights that hold NaN or inf (refused by default: such a model
+        gives NaN scores, which only surface much later).
 
     Returns:
       Flax variables ``{"params": ..., "batch_stats": ...}`` with ``float32`` jax arrays (the
       dtypes ``model.init`` gives).
 
     Raises:
-      ValueError: listing every missing, unexpected and mis-shaped key (torch shapes), or if the
-        checkpoint's ``classifier.temperature`` differs from the model head's ``temperature``.
+      ValueError: listing every missing, unexpected and mis-shaped key (torch shapes); listing
+        every key with NaN/inf values (unless ``allow_non_finite``); or if the checkpoint's
+        ``classifier.temperature`` differs from the model head's ``temperature``.
 
     Example:
       >>> from isomax_jax.models import get_model
@@ -191,9 +207,18 @@ def convert_state_dict(
                 f"get_model(..., temperature={float(temperature[0])})."
             )
 
+    arrays = {key: _to_numpy(state[key]) for key in expected}
+    if not allow_non_finite:
+        bad = [m for key, a in arrays.items() if (m := _non_finite(key, a)) is not None]
+        if bad:
+            raise ValueError(
+                "state_dict holds non-finite weights (a diverged or corrupted checkpoint?); "
+                + _listing("keys with NaN/inf", bad)
+                + "; pass allow_non_finite=True to import them anyway."
+            )
     variables: dict[str, Any] = {"params": {}, "batch_stats": {}}
     for torch_key, (collection, path, kind, leaf) in expected.items():
-        array = _from_torch(kind, _to_numpy(state[torch_key]))
+        array = _from_torch(kind, arrays[torch_key])
         node = variables[collection]
         for name in path[:-1]:
             node = node.setdefault(name, {})
@@ -206,6 +231,7 @@ def load_torch_checkpoint(
     path: str | os.PathLike,
     *,
     image_shape: tuple[int, int, int] = (32, 32, 3),
+    allow_non_finite: bool = False,
 ) -> dict[str, Any]:
     """Loads a ``torch.save(model.state_dict(), path)`` file into Flax variables for ``model``.
 
@@ -218,31 +244,46 @@ def load_torch_checkpoint(
       model: see :func:`convert_state_dict`.
       path: the ``.pth`` file.
       image_shape: see :func:`convert_state_dict`.
+      allow_non_finite: see :func:`convert_state_dict`.
 
     Returns:
       Flax variables ``{"params", "batch_stats"}``.
 
     Raises:
-      ValueError: the file is not a plain weights file, or its keys/shapes do not match.
+      FileNotFoundError: ``path`` is not a file.
+      ValueError: the file is empty, truncated, corrupted or not a plain weights file; its
+        keys/shapes do not match; it holds NaN/inf weights (unless ``allow_non_finite``).
     """
     import pickle
 
     import torch
 
+    name = os.fspath(path)
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f"no PyTorch checkpoint file at {name!r}")
+    if os.path.getsize(name) == 0:
+        raise ValueError(f"{name!r} is empty (0 bytes): not a PyTorch checkpoint")
     try:
-        state = torch.load(os.fspath(path), weights_only=True, map_location="cpu")
+        state = torch.load(name, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:
         raise ValueError(
-            f"refusing to load {os.fspath(path)!r}: it is not a plain weights file "
+            f"refusing to load {name!r}: it is not a plain weights file "
             f"(torch.load with weights_only=True rejected it: {err})"
+        ) from err
+    except PermissionError:
+        raise
+    except Exception as err:  # torch reports damage as RuntimeError, EOFError, OSError, KeyError...
+        raise ValueError(
+            f"cannot read {name!r} as a PyTorch checkpoint: the file is truncated or corrupted "
+            f"({type(err).__name__}: {err})"
         ) from err
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, Mapping):
-        raise ValueError(
-            f"{os.fspath(path)!r} holds a {type(state).__name__}, not a state_dict mapping."
-        )
-    return convert_state_dict(model, state, image_shape=image_shape)
+        raise ValueError(f"{name!r} holds a {type(state).__name__}, not a state_dict mapping.")
+    return convert_state_dict(
+        model, state, image_shape=image_shape, allow_non_finite=allow_non_finite
+    )
 
 
 def to_torch_state_dict(model: nn.Module, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -170,3 +170,59 @@ def test_converted_weights_do_not_alias_the_source(model, variables):
     for value in state.values():
         value[...] = 7
     jax.tree.map(np.testing.assert_array_equal, back, before)
+
+
+def _saved(model, variables, path):
+    torch = pytest.importorskip("torch")
+    state = {
+        k: torch.from_numpy(np.asarray(v)) for k, v in to_torch_state_dict(model, variables).items()
+    }
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("empty", r"is empty \(0 bytes\)"),  # was a bare EOFError
+        ("half", "truncated or corrupted .*RuntimeError"),  # was torch's RuntimeError
+        ("tail", "truncated or corrupted"),
+        ("junk", "refusing to load .*not a plain weights file"),
+    ],
+)
+def test_damaged_files_give_value_error_naming_the_file(model, variables, tmp_path, damage, match):
+    good = _saved(model, variables, tmp_path / "good.pth").read_bytes()
+    damaged = {"empty": b"", "half": good[: len(good) // 2], "tail": good[:-40]}
+    path = tmp_path / "damaged.pth"
+    path.write_bytes(damaged.get(damage, b"not a checkpoint at all " * 40))
+    with pytest.raises(ValueError, match=match) as info:
+        load_torch_checkpoint(model, path)
+    assert "damaged.pth" in str(info.value)
+
+
+def test_missing_file_and_directory(model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_torch_checkpoint(model, tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match="no PyTorch checkpoint file"):
+        load_torch_checkpoint(model, tmp_path)
+
+
+def test_non_finite_weights_refused_unless_allowed(model, variables, tmp_path):
+    bad = jax.tree.map(np.array, variables)
+    bad["params"]["backbone"]["conv1"]["kernel"][0, 0, 0, :3] = np.nan
+    bad["batch_stats"]["backbone"]["bn1"]["var"][1] = np.inf
+    state = to_torch_state_dict(model, bad)
+    with pytest.raises(ValueError, match="non-finite weights") as info:
+        convert_state_dict(model, state)
+    message = str(info.value)
+    assert "keys with NaN/inf (2)" in message
+    assert "conv1.weight (3 NaN, 0 inf of" in message and "bn1.running_var (0 NaN, 1 inf" in message
+    assert "allow_non_finite=True" in message
+    loaded = convert_state_dict(model, state, allow_non_finite=True)
+    assert np.isnan(loaded["params"]["backbone"]["conv1"]["kernel"]).sum() == 3
+
+    path = _saved(model, bad, tmp_path / "nan.pth")
+    with pytest.raises(ValueError, match="conv1.weight"):
+        load_torch_checkpoint(model, path)
+    loaded = load_torch_checkpoint(model, path, allow_non_finite=True)
+    assert np.isinf(loaded["batch_stats"]["backbone"]["bn1"]["var"]).sum() == 1
