@@ -1,11 +1,87 @@
-"""Fixtures for parity tests against the PyTorch reference (``robust-deep-learning==0.5.0``).
+"""Fixtures for parity tests against the PyTorch references.
 
-Tests here are skipped only when torch (or the reference package) cannot be imported. The
-reference's loss "second parts" and calibration call ``.cuda()`` / ``.to('cuda')``
-unconditionally; the ``torch_cpu`` fixture turns those into no-ops for the test's duration.
+References: ``robust-deep-learning==0.5.0`` (the IsoMax authors' package) and
+``pytorch-ood==0.4.0`` (post-hoc detectors). Tests here are skipped only when torch (or the
+reference package) cannot be imported. The reference's loss "second parts" and calibration call
+``.cuda()`` / ``.to('cuda')`` unconditionally; the ``torch_cpu`` fixture turns those into no-ops
+for the test's duration.
+
+pytorch-ood's package ``__init__`` imports its dataset, model and augmentation modules, which
+import torchvision; the torchvision wheels on the registry do not load beside the CPU torch wheel,
+and pytorch-ood's detectors never use it. The ``pytorch_ood`` fixture therefore puts a stub
+``torchvision`` (the submodules pytorch-ood imports, whose attributes are inert placeholder
+classes) into ``sys.modules`` *before* importing pytorch_ood, unless a working torchvision
+imports.
 """
 
+import importlib.util
+import sys
+import types
+
 import pytest
+
+# The torchvision modules pytorch-ood 0.4.0 imports (grep "torchvision" in its sources).
+TORCHVISION_MODULES = (
+    "torchvision",
+    "torchvision.datasets",
+    "torchvision.datasets.utils",
+    "torchvision.models",
+    "torchvision.models.resnet",
+    "torchvision.transforms",
+    "torchvision.transforms.functional",
+)
+
+
+class _TorchvisionStub(types.ModuleType):
+    """A module whose every public attribute is an inert placeholder class.
+
+    pytorch-ood subclasses some of them at import time (``VisionDataset``, ``ResNet``) and only
+    calls the others inside dataset/model code that the detector tests never run.
+    """
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        placeholder = type(name, (), {"__init__": lambda self, *args, **kwargs: None})
+        placeholder.__module__ = self.__name__
+        setattr(self, name, placeholder)
+        return placeholder
+
+
+def install_torchvision_stub() -> bool:
+    """Stubs torchvision in ``sys.modules`` unless a working one imports; True if stubbed."""
+    if isinstance(sys.modules.get("torchvision"), _TorchvisionStub):
+        return True
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # missing, or a wheel that does not load beside this torch
+        pass
+    else:
+        return False
+    for name in TORCHVISION_MODULES:
+        module = _TorchvisionStub(name)
+        module.__path__ = []  # a package, so its submodules resolve from sys.modules
+        sys.modules[name] = module
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, module)
+    return True
+
+
+@pytest.fixture(scope="session")
+def pytorch_ood():
+    """The ``pytorch_ood`` package (0.4.0), imported after stubbing torchvision.
+
+    Skips only when torch or pytorch_ood is not installed; any other import failure is an error.
+    """
+    for package in ("torch", "pytorch_ood"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed")
+    install_torchvision_stub()
+    import pytorch_ood as package
+
+    assert package.__version__ == "0.4.0", package.__version__
+    return package
 
 
 @pytest.fixture

@@ -1,0 +1,136 @@
+"""Virtual-logit matching (ViM): a linear head's energy minus a scaled feature residual."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from isomax_jax import scores
+from isomax_jax.detectors import chunked
+from isomax_jax.detectors.base import Detector, as_matrix, check_finite, check_width
+
+
+def principal_dim(dim: int) -> int:
+    """The paper's principal-space size for ``dim``-wide features: 1000 if ``dim >= 2048``, 512
+    if ``dim >= 768`` (the authors' code), else ``dim // 2`` (their rule for small backbones)."""
+    if dim >= 2048:
+        return 1000
+    if dim >= 768:
+        return 512
+    return dim // 2
+
+
+def _linear_head(kernel, bias, dim: int) -> tuple[jax.Array, jax.Array]:
+    kernel = as_matrix("kernel", kernel, "[features, num_classes]")
+    bias = jnp.asarray(bias)
+    if kernel.shape[0] != dim:
+        raise ValueError(
+            f"`kernel` must have shape [D, C] with D = {dim} (the features' width; the linear "
+            f"head's kernel, models/classifier.py); got {tuple(kernel.shape)}."
+        )
+    if bias.shape != kernel.shape[1:]:
+        raise ValueError(
+            f"`bias` must have shape [C] = ({kernel.shape[1]},); got {tuple(bias.shape)}."
+        )
+    return kernel, bias.astype(kernel.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViM(Detector):
+    """ViM score: ``logsumexp(f W + b) - alpha ||(f - u) N||``.
+
+    Wang, Li, Zhang & Wu, "ViM: Out-Of-Distribution with Virtual-logit Matching", CVPR 2022.
+    ``u = -(W^T)^+ b`` is the origin of the linear head ``logits = f W + b`` (``kernel`` ``W`` is
+    ``[D, C]``, ``bias`` ``b`` is ``[C]``); ``N`` (``[D, D - dim]``) spans the eigenvectors of the
+    training covariance about ``u`` (``(1/N) sum (f - u)(f - u)^T``, accumulated in chunks) with the
+    smallest ``D - dim`` eigenvalues; ``alpha = mean_i max_j logit_ij / mean_i ||(f_i - u) N||``
+    over the training set. The score is the authors' code's ``-vlogit + energy``. Default
+    ``dim=None``: the paper's rule :func:`principal_dim` (1000 for ``D >= 2048``, 512 for
+    ``D >= 768``, ``D // 2`` below). ``chunk=4096`` rows per fit chunk.
+
+    Needs the linear head: pass ``kernel`` and ``bias`` to both ``fit`` and ``score``. It does not
+    apply to distance heads (their logits are not affine in the features): ``applies_to`` is
+    False for them and calling it without a kernel raises ``ValueError`` saying so.
+    """
+
+    dim: int | None = None
+    chunk: int = 4096
+    name = "vim"
+    title = "ViM"
+    heads = frozenset({"softmax"})
+    fit_inputs = frozenset({"features", "kernel", "bias"})
+    score_inputs = frozenset({"features", "kernel", "bias"})
+
+    def __post_init__(self):
+        if self.dim is not None and (not isinstance(self.dim, int) or self.dim < 1):
+            raise ValueError(f"`dim` must be None or a positive int; got {self.dim!r}.")
+        if not isinstance(self.chunk, int) or self.chunk < 1:
+            raise ValueError(f"`chunk` must be a positive int; got {self.chunk!r}.")
+
+    def _require(self, needed, given, method):
+        if given.get("kernel") is None or given.get("bias") is None:
+            missing = "kernel" if given.get("kernel") is None else "bias"
+            raise ValueError(
+                f"`vim.{method}` needs `{missing}`: ViM needs a linear head's `kernel` [D, C] and "
+                "`bias` [C]; it does not apply to distance-based heads (IsoMax, IsoMax+, DisMax), "
+                "whose logits are not affine in the features."
+            )
+        super()._require(needed, given, method)
+
+    def _fit(self, *, features, kernel, bias, **_):
+        x = as_matrix("features", features, "[N, D]")
+        check_finite("features", x)
+        n, dim_features = x.shape
+        kernel, bias = _linear_head(kernel, bias, dim_features)
+        check_finite("kernel", kernel)
+        check_finite("bias", bias)
+        dim = principal_dim(dim_features) if self.dim is None else self.dim
+        if not 1 <= dim < dim_features:
+            raise ValueError(
+                f"`dim`={dim} must be in [1, D) for features of width D = {dim_features}."
+            )
+        origin = -(jnp.linalg.pinv(kernel.T) @ bias)
+        scatter = chunked.centered_scatter(x, None, origin[None, :], chunk=self.chunk)
+        _, vectors = jnp.linalg.eigh(scatter / n)  # ascending eigenvalues
+        null_space = vectors[:, : dim_features - dim]
+        max_logit, residual = _alpha_sums(x, kernel, bias, origin, null_space, self.chunk)
+        if not float(residual) > 0:
+            raise ValueError(
+                "`features` have no residual outside the principal space (all training features "
+                "lie in it), so ViM's alpha is undefined; use a smaller `dim`."
+            )
+        return {"origin": origin, "null_space": null_space, "alpha": max_logit / residual}
+
+    def _prepare(self, state, *, features, kernel, bias):
+        x = as_matrix("features", features, "[batch, features]")
+        check_width("features", x, state["origin"].shape[0], "feature dimensions")
+        kernel, bias = _linear_head(kernel, bias, x.shape[1])
+        return {"features": x, "kernel": kernel, "bias": bias}
+
+    def _score(self, state, head_fn, *, features, kernel, bias):
+        logits = features @ kernel + bias[None, :]
+        residual = (features - state["origin"][None, :]) @ state["null_space"]
+        virtual = state["alpha"] * jnp.sqrt(jnp.sum(residual * residual, axis=1))
+        return scores.energy(logits) - virtual
+
+
+@functools.partial(jax.jit, static_argnums=(5,))
+def _alpha_sums(x, kernel, bias, origin, null_space, chunk):
+    """Sums over training rows of the max logit and of the residual norm (chunked)."""
+
+    def fn(valid, rows):
+        logits = rows @ kernel + bias[None, :]
+        residual = (rows - origin[None, :]) @ null_space
+        norms = jnp.sqrt(jnp.sum(residual * residual, axis=1))
+        return (
+            jnp.sum(jnp.where(valid, jnp.max(logits, axis=1), 0)),
+            jnp.sum(jnp.where(valid, norms, 0)),
+        )
+
+    return chunked.reduce_row_chunks(fn, (x,), chunk)
+
+
+DETECTORS = (ViM,)
