@@ -7,16 +7,19 @@ registers the OOD builders with tfds (``isomax_tiny_imagenet_resize``, ... see
 Public API:
 
 * :func:`train_dataset` ``(name, *, batch_size, seed, data_dir=None, split="train",
-  num_epochs=None, augment=True, process_index=None, process_count=None, num_devices=None, ...)``
-  -> iterable of ``{"image": float32 [b, 32, 32, 3], "label": int32 [b]}``; ``batch_size`` is
-  global, ``b = batch_size // process_count``; crop 32 / pad 4 + flip, normalised, seeded.
+  num_epochs=None, augment=True, process_index=None, process_count=None, num_devices=None,
+  start_step=0, num_steps=None, prefetch=2, put=None, ...)`` -> :class:`TrainBatches`, an
+  iterator of ``{"image": float32 [b, 32, 32, 3], "label": int32 [b]}`` from the split held in
+  memory; ``batch_size`` is global, ``b = batch_size // process_count``; crop 32 / pad 4 + flip,
+  normalised; a pure function of ``(seed, step)``, so ``start_step`` resumes without replaying.
 * :func:`eval_dataset` ``(name, *, in_distribution, batch_size, data_dir=None, manual_dir=None,
   build_dir=None, download=False, process_index=None, process_count=None, ...)`` -> iterable (with
   ``len``) of ``{"image", "label", "mask"}``; the split exactly once over all processes, last
   batches padded (mask False, label -1), equal batch count on every process; label -1 for OOD.
   Names: :data:`EVAL_NAMES` = cifar10, cifar100, svhn, tiny_imagenet_resize, tiny_imagenet_crop,
   lsun_resize, lsun_crop, isun, mnist, omniglot, textures, gaussian_noise, uniform_noise.
-* :func:`num_examples`, :func:`steps_per_epoch`; :data:`NORMALIZATION`,
+* :func:`check_available` (fast: prepared, buildable offline or downloadable?),
+  :func:`num_examples`, :func:`steps_per_epoch`; :data:`NORMALIZATION`,
   :func:`normalization_stats` (in-distribution mean/std, also used for every OOD set).
 * :class:`DataNotFoundError` (a ``FileNotFoundError``), :class:`ArchiveError` and
   :class:`ImageError` (``ValueError`` s) for missing data, damaged archives and bad images.
@@ -54,11 +57,14 @@ from isomax_jax.data.normalization import (  # noqa: E402
 from isomax_jax.data.pipelines import (  # noqa: E402
     EVAL_NAMES,
     TRAIN_NAMES,
+    check_available,
     eval_dataset,
+    load_train_split,
     num_examples,
     steps_per_epoch,
     train_dataset,
 )
+from isomax_jax.data.training import TrainBatches  # noqa: E402
 
 __all__ = [
     "EVAL_NAMES",
@@ -69,7 +75,10 @@ __all__ = [
     "ArchiveError",
     "DataNotFoundError",
     "ImageError",
+    "TrainBatches",
+    "check_available",
     "eval_dataset",
+    "load_train_split",
     "normalization_stats",
     "num_examples",
     "resolve_data_dirs",

@@ -1,13 +1,17 @@
-"""tf.data input pipelines: augmented training batches and exact, padded evaluation batches.
+"""Input pipelines: augmented training batches and exact, padded evaluation batches.
 
-Both yield NumPy dicts ready for ``jax.make_array_from_process_local_data`` (flat per-process
-batches) or, reshaped to ``[num_devices, -1, ...]``, for ``pmap``. Data location, offline
-behaviour and building of the OOD sets: see :mod:`isomax_jax.data.locate`.
+Training batches come from the split held in host memory (:mod:`isomax_jax.data.training`);
+evaluation batches from a tf.data graph. Both yield NumPy dicts ready for
+``jax.make_array_from_process_local_data`` (flat per-process batches, see
+:func:`isomax_jax.parallel.shard_batch`) or, reshaped to ``[num_devices, -1, ...]``, for
+``pmap``. Data location, offline behaviour and building of the OOD sets: see
+:mod:`isomax_jax.data.locate`.
 
 Example (generated data; with real data drop the ``mock_data`` context):
   >>> import tensorflow_datasets as tfds
   >>> with tfds.testing.mock_data(num_examples=20):
-  ...     batch = next(iter(train_dataset("cifar10", batch_size=8, seed=0, num_devices=1)))
+  ...     with train_dataset("cifar10", batch_size=8, seed=0, num_devices=1) as batches:
+  ...         batch = next(batches)
   >>> batch["image"].shape, batch["image"].dtype, batch["label"].dtype
   ((8, 32, 32, 3), dtype('float32'), dtype('int32'))
 """
@@ -22,13 +26,18 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from isomax_jax.data.locate import DataDir, load_builder
+from isomax_jax.data import locate
+from isomax_jax.data.builders import OOD_BUILDERS
+from isomax_jax.data.locate import DataDir, DataNotFoundError, load_builder
 from isomax_jax.data.normalization import IN_DISTRIBUTION_NAMES, normalization_stats
+from isomax_jax.data.training import TrainBatches, load_split
 
 __all__ = [
     "EVAL_NAMES",
     "TRAIN_NAMES",
+    "check_available",
     "eval_dataset",
+    "load_train_split",
     "num_examples",
     "steps_per_epoch",
     "train_dataset",
@@ -60,7 +69,6 @@ EVAL_SOURCES: dict[str, tuple[str, ...]] = {
 }
 EVAL_NAMES: tuple[str, ...] = tuple(EVAL_SOURCES)
 
-PAD = 4
 IMAGE_SIZE = 32
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -120,22 +128,6 @@ def _to_rgb32(image: tf.Tensor, name: str) -> tf.Tensor:
     return image
 
 
-def _random_crop_flip(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Batched random crop 32 from 4-pixel zero padding, then random horizontal flip."""
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-    b = tf.shape(images)[0]
-    padded = tf.pad(images, [[0, 0], [PAD, PAD], [PAD, PAD], [0, 0]])
-    offsets = tf.random.stateless_uniform(
-        [b, 2], seed=crop_seed, minval=0, maxval=2 * PAD + 1, dtype=tf.int32
-    )
-    grid = tf.range(IMAGE_SIZE)[None, :]
-    rows, cols = offsets[:, :1] + grid, offsets[:, 1:] + grid
-    out = tf.gather(padded, rows, axis=1, batch_dims=1)
-    out = tf.gather(out, cols, axis=2, batch_dims=1)
-    flip = tf.random.stateless_uniform([b], seed=flip_seed) < 0.5
-    return tf.where(flip[:, None, None, None], tf.reverse(out, axis=[2]), out)
-
-
 def train_dataset(
     name: str,
     *,
@@ -148,74 +140,86 @@ def train_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     num_devices: int | None = None,
-    shuffle_buffer_size: int | None = None,
-    cache: bool = True,
+    start_step: int = 0,
+    num_steps: int | None = None,
     prefetch: int = 2,
+    put=None,
     download: bool = False,
-):
+) -> TrainBatches:
     """Shuffled, augmented, normalised training batches of an in-distribution set.
 
-    Each process reads only its share ``tfds.split_for_jax_process(split, drop_remainder=True)``
-    (equal shares, so every process yields the same number of batches), caches the decoded images,
-    shuffles with ``seed`` (reshuffled each epoch), repeats ``num_epochs`` times (``None``:
-    forever), batches ``batch_size // process_count`` examples (incomplete last batch dropped),
-    applies random crop 32 from 4-pixel zero padding + horizontal flip (stateless, seeded by
-    ``(seed, process_index, step)``) and normalises with the set's mean/std (REFERENCE §4).
-    The stream is a deterministic function of ``seed`` and the process layout.
+    The split is decoded once into host memory (cached across calls) and batches are cut from it
+    on a background thread (:class:`isomax_jax.data.training.TrainBatches`): epoch ``e`` is the
+    permutation ``default_rng([seed, e])`` of the split, ``len(split) // batch_size`` steps; random
+    crop 32 from 4-pixel zero padding + horizontal flip, seeded by ``(seed, epoch, step)``; the
+    set's mean/std normalisation (docs/isomax.md, training recipe). The stream is a pure function
+    of ``seed`` and the step: ``start_step=s`` resumes exactly where step ``s`` of an
+    uninterrupted stream is, without replaying, and every process count sees the same global
+    batches (process ``i`` keeps its contiguous rows).
 
     Args:
       name: ``"cifar10"``, ``"cifar100"`` or ``"svhn"`` (tfds ``svhn_cropped``).
       batch_size: GLOBAL batch size; must divide by ``process_count * num_devices``.
-      seed: shuffling and augmentation seed.
+      seed: shuffling and augmentation seed, an int in [0, 2**63).
       data_dir: directory or directories searched for the prepared data (``locate`` module).
       split: tfds split expression, e.g. ``"train"`` or ``"train[:45000]"``.
-      num_epochs: number of passes, ``None`` for an infinite stream.
+      num_epochs: number of passes from step 0 (``None``: endless); ``num_steps`` overrides it.
       augment: apply crop + flip (``False``: only normalise).
       process_index, process_count: default ``jax.process_index()`` / ``jax.process_count()``.
       num_devices: local devices the per-process batch is split over (default
         ``jax.local_device_count()``); only checked for divisibility.
-      shuffle_buffer_size: default the whole per-process share (a full shuffle).
-      cache: keep the decoded share in memory (about 150 MB for CIFAR-10).
-      prefetch: batches prepared ahead.
+      start_step: first global step to yield (resuming a run).
+      num_steps: number of steps to yield from ``start_step`` (``None``: see ``num_epochs``).
+      prefetch: batches prepared ahead on a background thread (0: none).
+      put: optional function applied to each batch on that thread, e.g.
+        ``lambda b: isomax_jax.parallel.shard_batch(b, mesh)`` to place batches on the devices
+        ahead of the step.
       download: let tfds download a missing set (connected machines only).
 
     Returns:
-      An iterable of dicts ``{"image": float32 [b, 32, 32, 3], "label": int32 [b]}`` with
-      ``b = batch_size // process_count``.
+      A :class:`~isomax_jax.data.training.TrainBatches` iterator of dicts
+      ``{"image": float32 [b, 32, 32, 3], "label": int32 [b]}`` with
+      ``b = batch_size // process_count``; ``len()`` is defined when the stream is finite. Call
+      ``close()`` (or use it as a context manager) to stop its thread early.
 
     Raises:
-      ValueError: unknown name, batch size not divisible, bad process layout.
+      ValueError: unknown name, batch size not divisible, bad process layout or seed.
       DataNotFoundError: the data is not available offline (the message says where it looked).
     """
     _check_name("name", name, TRAIN_NAMES)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**63:
         raise ValueError(f"seed={seed!r} must be an int in [0, 2**63)")
     index, count = _process_layout(process_index, process_count)
-    per_process = _per_process_batch(batch_size, count, num_devices)
-    builder = load_builder(name, (TRAIN_SOURCES[name],), data_dir=data_dir, download=download)
-    shard = tfds.split_for_jax_process(
-        split, process_index=index, process_count=count, drop_remainder=True
+    _per_process_batch(batch_size, count, num_devices)
+    images, labels = load_train_split(name, split=split, data_dir=data_dir, download=download)
+    if num_steps is None and num_epochs is not None:
+        num_steps = max(0, int(num_epochs) * (images.shape[0] // batch_size) - int(start_step))
+    return TrainBatches(
+        images,
+        labels,
+        batch_size=batch_size,
+        seed=int(seed),
+        name=name,
+        process_index=index,
+        process_count=count,
+        augment=augment,
+        start_step=start_step,
+        num_steps=num_steps,
+        prefetch=prefetch,
+        put=put,
     )
-    ds = builder.as_dataset(split=shard, shuffle_files=False)
-    ds = ds.map(
-        lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)), num_parallel_calls=AUTOTUNE
-    )
-    if cache:
-        ds = ds.cache()
-    size = int(ds.cardinality())
-    buffer = shuffle_buffer_size or (size if size > 0 else 10_000)
-    ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.repeat(num_epochs)
-    ds = ds.batch(per_process, drop_remainder=True)
-    base = tf.constant([seed, index << 32], tf.int64)
 
-    def transform(step, images, labels):
-        if augment:
-            images = _random_crop_flip(images, base + tf.stack([tf.constant(0, tf.int64), step]))
-        return {"image": _normalise(images, name), "label": labels}
 
-    ds = ds.enumerate().map(lambda step, b: transform(step, *b), num_parallel_calls=AUTOTUNE)
-    return tfds.as_numpy(ds.prefetch(prefetch))
+def load_train_split(
+    name: str, *, split: str = "train", data_dir: DataDir = None, download: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """The decoded ``(images uint8 [n, 32, 32, 3], labels int32 [n])`` of a training set's split.
+
+    Decoded once per process and cached (read-only arrays); :func:`train_dataset` and the
+    experiments' detector fitting share the copy.
+    """
+    _check_name("name", name, TRAIN_NAMES)
+    return load_split(name, TRAIN_SOURCES[name], split=split, data_dir=data_dir, download=download)
 
 
 def eval_dataset(
@@ -274,7 +278,9 @@ def eval_dataset(
         build_dir=build_dir,
         download=download,
     )
-    full = builder.as_dataset(split=split, shuffle_files=False)
+    # No tfds auto-cache: a pass may stop early (capped evaluation), which makes TF warn.
+    read_config = tfds.ReadConfig(try_autocache=False)
+    full = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
     n = int(full.cardinality())
     if n < 0:
         n = int(full.reduce(np.int64(0), lambda c, _: c + 1))
@@ -318,6 +324,10 @@ def num_examples(
     builder = load_builder(
         name, sources, data_dir=data_dir, manual_dir=manual_dir, build_dir=build_dir
     )
+    if locate._tfds_is_mocked():  # tfds.testing.mock_data: no split metadata, count instead
+        ds = builder.as_dataset(split=split)
+        n = int(ds.cardinality())
+        return n if n >= 0 else int(ds.reduce(np.int64(0), lambda c, _: c + 1))
     return int(builder.info.splits[split].num_examples)
 
 
@@ -329,9 +339,64 @@ def steps_per_epoch(
     data_dir: DataDir = None,
     process_count: int | None = None,
 ) -> int:
-    """Batches per epoch of :func:`train_dataset` (equal on every process)."""
+    """Steps per epoch of :func:`train_dataset`: ``num_examples(split) // batch_size`` (global).
+
+    Read from the tfds metadata (no decoding); ``batch_size`` must divide by ``process_count``.
+    """
     _check_name("name", name, TRAIN_NAMES)
     _, count = _process_layout(0, process_count)
-    per_process = _per_process_batch(batch_size, count, 1)
-    n = num_examples(name, split=split, data_dir=data_dir)
-    return (n // count) // per_process
+    _per_process_batch(batch_size, count, 1)
+    return num_examples(name, split=split, data_dir=data_dir) // batch_size
+
+
+def check_available(
+    name: str,
+    *,
+    split: str | None = None,
+    data_dir: DataDir = None,
+    manual_dir: str | os.PathLike | None = None,
+    build_dir: str | os.PathLike | None = None,
+    download: bool = False,
+) -> None:
+    """Raises unless ``name`` can be read: prepared, buildable offline, or downloadable.
+
+    Fast (no decoding, no building): experiments call it for every set before training. A set
+    that is prepared must also have ``split`` (default ``"train"`` for training sets, else
+    ``"test"``; a malformed split expression raises ``ValueError``). A set that is not prepared
+    passes if ``download`` is set, or if it is one of the OOD builders and its source archive is
+    in ``manual_dir`` (or it is generated) and there is a writable directory to build into.
+
+    Raises:
+      ValueError: unknown name or bad split.
+      DataNotFoundError: the set cannot be had offline (the message says where it looked).
+    """
+    _check_name("name", name, EVAL_NAMES)
+    if split is None:
+        split = "train" if name in TRAIN_NAMES else "test"
+    candidates = (TRAIN_SOURCES[name],) if split.startswith("train") else EVAL_SOURCES[name]
+    if locate._tfds_is_mocked():
+        return
+    dirs = locate.resolve_data_dirs(data_dir)
+    target = locate.build_target(dirs, build_dir)
+    search = dirs + [target] if target is not None and target not in dirs else dirs
+    for candidate in candidates:
+        builder = locate._prepared(candidate, search)
+        if builder is not None:
+            try:
+                builder.info.splits[split]
+            except (KeyError, ValueError) as err:
+                raise ValueError(f"split {split!r} of {name!r}: {err}") from err
+            return
+    if download:
+        return
+    writable = target is not None and locate._is_writable(target)
+    for candidate in candidates:
+        cls = OOD_BUILDERS.get(candidate)
+        if cls is not None and writable and (not cls.SOURCES or cls.find_source(manual_dir)):
+            return
+    raise DataNotFoundError(
+        f"{name!r} (tfds {' or '.join(repr(c) for c in candidates)}) is not prepared in "
+        f"[{', '.join(str(d) for d in search)}] and cannot be built offline "
+        f"(manual_dir={manual_dir}; build directory "
+        f"{target if writable else 'none writable'}); provide it or pass download=True"
+    )
