@@ -1,5 +1,6 @@
 """isomax_jax: out-of-distribution detection with the IsoMax loss family in JAX/Flax."""
 
+from isomax_jax import detectors as detectors
 from isomax_jax import metrics as metrics
 from isomax_jax import scores as scores
 from isomax_jax import tables as tables

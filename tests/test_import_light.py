@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-CORE = ["distances", "losses", "heads", "nnx", "scores", "calibration", "validation"]
+CORE = ["distances", "losses", "heads", "nnx", "scores", "calibration", "validation", "detectors"]
 
 
 def test_import_does_not_pull_tensorflow_or_torch():
