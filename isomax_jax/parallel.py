@@ -110,11 +110,16 @@ def sharded_train_step(
 
 
 def sharded_eval_step(
-    mesh: Mesh, step_fn: Callable = train.eval_step
-) -> Callable[[train.TrainState, Any], dict[str, jax.Array]]:
-    """``jit`` of the eval step with replicated state and a ``"data"``-split batch."""
+    mesh: Mesh, step_fn: Callable = train.eval_step, *, return_outputs: bool = False
+) -> Callable[[train.TrainState, Any], Any]:
+    """``jit`` of the eval step with replicated state and a ``"data"``-split batch.
+
+    With ``return_outputs`` the step also returns the logits and features of the whole global
+    batch, replicated (so every process can read all of them, e.g. to compute OOD metrics).
+    """
     rep = replicated(mesh)
-    return jax.jit(step_fn, in_shardings=(rep, batch_sharded(mesh)), out_shardings=rep)
+    fn = functools.partial(step_fn, return_outputs=True) if return_outputs else step_fn
+    return jax.jit(fn, in_shardings=(rep, batch_sharded(mesh)), out_shardings=rep)
 
 
 # ----------------------------------------------------------------------------- pmap (legacy)

@@ -6,7 +6,7 @@ inside ``jax.pmap``. Batches are dicts ``{"image": float32 [B, H, W, C], "label"
 evaluation batches may carry ``"mask"`` ([B], bool or float) marking the real examples of a padded
 batch, so that summed metrics cover a test set exactly.
 
-The loss follows the head family (REFERENCE.md §1): ``softmax`` trains with plain cross-entropy;
+The loss follows the head family (docs/isomax.md): ``softmax`` trains with plain cross-entropy;
 ``isomax``, ``isomax_plus`` and ``dismax`` with the entropic loss
 (:func:`isomax_jax.losses.isomax_loss`, entropic scale 10); ``dismax`` can add the FPR
 augmentation and loss (:func:`isomax_jax.losses.dismax_fpr_loss`).
@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-HEADS = ("softmax", "isomax", "isomax_plus", "dismax")
+from isomax_jax import registry
+
+HEADS = registry.HEAD_NAMES
 
 Batch = Mapping[str, jax.Array]
 
@@ -107,6 +109,47 @@ def multistep_schedule(
     return optax.piecewise_constant_schedule(base_learning_rate, boundaries)
 
 
+def warmup_decay_schedule(
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    peak_learning_rate: float,
+    decay: str = "linear",
+) -> optax.Schedule:
+    """Linear warm-up from 0 to ``peak_learning_rate``, then linear or cosine decay to 0.
+
+    The usual schedule of short CIFAR runs (a few epochs), where the papers' step schedule
+    (made for 300 epochs) wastes most of the budget at a high rate.
+
+    Args:
+      total_steps: number of optimiser steps; the rate reaches 0 at ``total_steps``.
+      warmup_steps: steps of linear warm-up, ``0 <= warmup_steps < total_steps``.
+      peak_learning_rate: rate at the end of the warm-up.
+      decay: ``"linear"`` or ``"cosine"``.
+
+    Example:
+      >>> schedule = warmup_decay_schedule(total_steps=10, warmup_steps=2, peak_learning_rate=0.2)
+      >>> [round(float(schedule(s)), 3) for s in (0, 1, 2, 6, 10)]
+      [0.0, 0.1, 0.2, 0.1, 0.0]
+    """
+    if total_steps <= 0 or not 0 <= warmup_steps < total_steps:
+        raise ValueError(
+            f"need 0 <= warmup_steps < total_steps, got warmup_steps={warmup_steps}, "
+            f"total_steps={total_steps}"
+        )
+    decay_steps = total_steps - warmup_steps
+    if decay == "linear":
+        tail = optax.linear_schedule(peak_learning_rate, 0.0, decay_steps)
+    elif decay == "cosine":
+        tail = optax.cosine_decay_schedule(peak_learning_rate, decay_steps)
+    else:
+        raise ValueError(f"decay must be 'linear' or 'cosine', got {decay!r}")
+    if warmup_steps == 0:
+        return tail
+    warmup = optax.linear_schedule(0.0, peak_learning_rate, warmup_steps)
+    return optax.join_schedules([warmup, tail], [warmup_steps])
+
+
 def reference_optimizer(
     learning_rate: float | optax.Schedule,
     *,
@@ -149,7 +192,8 @@ def create_train_state(
       tx: the optax transformation, e.g. :func:`reference_optimizer`.
       loss: the :class:`LossConfig`.
       input_shape: NHWC shape of the dummy input used for initialisation.
-      variables: optional existing ``{"params", "batch_stats"}`` (e.g. converted from PyTorch).
+      variables: optional existing ``{"params", "batch_stats"}`` (e.g. converted from PyTorch);
+        by default the model is initialised (one jitted ``model.init`` with ``train=False``).
 
     Example:
       >>> import flax.linen as nn
@@ -164,7 +208,8 @@ def create_train_state(
     """
     init_key, step_key = jax.random.split(key)
     if variables is None:
-        variables = model.init(init_key, jnp.zeros(tuple(input_shape), jnp.float32), train=False)
+        # One compiled initialisation (eager init runs op by op: tens of seconds for a ResNet).
+        variables = _jitted_init(model, tuple(input_shape))(init_key)
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -176,6 +221,13 @@ def create_train_state(
         tx=tx,
         loss=loss,
     )
+
+
+def _jitted_init(model: Any, input_shape: tuple[int, ...]) -> Callable[[jax.Array], Any]:
+    def init(key):
+        return model.init(key, jnp.zeros(input_shape, jnp.float32), train=False)
+
+    return jax.jit(init)
 
 
 def per_example_loss(logits: jax.Array, labels: jax.Array, *, loss: LossConfig) -> jax.Array:
@@ -273,9 +325,13 @@ def train_step(
 
 
 def eval_step(
-    state: TrainState, batch: Batch, *, axis_name: str | None = None
-) -> dict[str, jax.Array]:
-    """Masked metric sums on a batch, BatchNorm in inference mode.
+    state: TrainState,
+    batch: Batch,
+    *,
+    axis_name: str | None = None,
+    return_outputs: bool = False,
+) -> dict[str, jax.Array] | tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """Masked metric sums on a batch, BatchNorm in inference mode (and optionally the outputs).
 
     Sums (not means) are returned so that a padded last batch and several hosts combine exactly:
     accumulate them over batches and divide by ``count`` at the end.
@@ -283,12 +339,16 @@ def eval_step(
     Args:
       state: the :class:`TrainState`.
       batch: ``{"image": [B, H, W, C], "label": [B]}`` and optionally ``"mask"`` [B] (bool or
-        0/1 float); examples with a zero mask are ignored.
+        0/1 float); examples with a zero mask are ignored, and so are examples with a negative
+        label (the OOD sets' label -1): they count in no sum.
       axis_name: inside ``pmap``, the sums are additionally summed over this axis.
+      return_outputs: also return ``{"logits": [B, C], "features": [B, D]}`` of every example
+        (the model must accept ``return_features=True``, as :func:`isomax_jax.models.get_model`
+        models do), e.g. to score OOD detectors from the same forward pass.
 
     Returns:
-      ``{"loss_sum", "correct", "count"}`` float32 scalars; the loss is the head family's training
-      loss without FPR.
+      ``{"loss_sum", "correct", "count"}`` float32 scalars (the loss is the head family's training
+      loss without FPR), or ``(sums, outputs)`` with ``return_outputs``.
 
     Example:
       >>> import flax.linen as nn
@@ -305,18 +365,26 @@ def eval_step(
     """
     _check_batch(batch)
     labels = batch["label"]
-    logits = state.apply_fn(state.variables, batch["image"], train=False)
+    outputs = {}
+    if return_outputs:
+        logits, features = state.apply_fn(
+            state.variables, batch["image"], train=False, return_features=True
+        )
+        outputs = {"logits": logits, "features": features}
+    else:
+        logits = state.apply_fn(state.variables, batch["image"], train=False)
     mask = batch.get("mask")
     mask = jnp.ones(labels.shape, bool) if mask is None else jnp.asarray(mask).astype(bool)
     if mask.shape != labels.shape:
         raise ValueError(f"batch['mask'] must be [B]={labels.shape}, got shape {mask.shape}")
-    loss = per_example_loss(logits, labels, loss=state.loss)
+    labelled = mask & (labels >= 0)
+    loss = per_example_loss(logits, jnp.where(labelled, labels, 0), loss=state.loss)
     correct = jnp.argmax(logits, axis=-1) == labels
     sums = {
-        "loss_sum": jnp.sum(jnp.where(mask, loss, 0.0)),
-        "correct": jnp.sum(jnp.where(mask, correct, False).astype(jnp.float32)),
-        "count": jnp.sum(mask.astype(jnp.float32)),
+        "loss_sum": jnp.sum(jnp.where(labelled, loss, 0.0)),
+        "correct": jnp.sum(jnp.where(labelled, correct, False).astype(jnp.float32)),
+        "count": jnp.sum(labelled.astype(jnp.float32)),
     }
     if axis_name is not None:
         sums = jax.lax.psum(sums, axis_name)
-    return sums
+    return (sums, outputs) if return_outputs else sums
