@@ -289,3 +289,57 @@ def test_builders_registered_with_tfds(tmp_path):
         builder = tfds.builder(name, data_dir=str(tmp_path))
         assert isinstance(builder, cls)
         assert not builder.is_prepared()
+
+
+# --- temporary folders and bad directories -----------------------------------------------------
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """tempfile's folder, observed: tfds used to leave an empty tmp*tfds folder in it per build."""
+    import tempfile
+
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_building_leaves_no_temporary_folder(tmp_path, private_tmp):
+    manual, build = tmp_path / "manual", tmp_path / "build"
+    manual.mkdir()
+    payloads = [_jpeg(np.full((32, 32, 3), i, np.uint8)) for i in range(3)]
+    _targz(manual / "iSUN.tar.gz", [(f"iSUN/{i}.jpg", p) for i, p in enumerate(payloads)])
+    builder = load_builder("isun", ("isomax_isun",), data_dir=build, manual_dir=manual)
+    assert builder.info.splits["test"].num_examples == 3
+    assert list(private_tmp.iterdir()) == []
+    assert load_builder("isun", ("isomax_isun",), data_dir=build).is_prepared()  # found again
+    # A tfds set (not one of ours) whose folder exists but is not prepared: tfds's own lookup.
+    (build / "mnist").mkdir()
+    with pytest.raises(data.DataNotFoundError):
+        load_builder("mnist", ("mnist",), data_dir=build, manual_dir=manual)
+    assert list(private_tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["data_dir", "data_dir_list", "build_dir", "env"])
+def test_a_file_as_data_directory_is_an_error(tmp_path, monkeypatch, where):
+    """It used to be skipped, and the set was built into ~/tensorflow_datasets instead."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+    a_file = tmp_path / "datasets.txt"
+    a_file.write_text("not a folder")
+    kwargs = {
+        "data_dir": dict(data_dir=a_file),
+        "data_dir_list": dict(data_dir=[tmp_path / "ok", a_file]),
+        "build_dir": dict(data_dir=tmp_path / "ok", build_dir=a_file),
+        "env": {},
+    }[where]
+    if where == "env":
+        monkeypatch.setenv("TFDS_DATA_DIR", str(a_file))
+    what = {"env": r"\$TFDS_DATA_DIR", "build_dir": "build_dir"}.get(where, "data_dir")
+    with pytest.raises(NotADirectoryError, match=rf"{what} '.*datasets.txt' is a file"):
+        load_builder("gaussian_noise", ("isomax_gaussian_noise",), **kwargs)
+    assert list(home.iterdir()) == []
+    assert not (tmp_path / "ok").exists()

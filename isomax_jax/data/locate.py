@@ -18,18 +18,27 @@ data and without the files in ``manual_dir``, :class:`DataNotFoundError` (a
 ``FileNotFoundError``) is raised at once, naming the dataset, every directory searched and how to
 provide the data; tfds never gets the chance to retry a download.
 
+**Clear errors, nothing left behind.** A ``data_dir``, ``$TFDS_DATA_DIR`` or ``build_dir`` that
+exists but is a file raises ``NotADirectoryError`` (it used to be skipped silently, and the set
+was built into ``~/tensorflow_datasets``). tfds creates an empty ``tmp*tfds`` folder in the temp
+directory whenever a builder is created for a set that is not prepared; the OOD builders skip
+that step and, for tfds's own builders, this module runs it in a private temp folder that it
+removes.
+
 Under ``tfds.testing.mock_data`` the search is skipped and tfds's mocked builder is returned, so
 pipelines can be tested with generated examples.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
 import stat
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
@@ -44,18 +53,36 @@ class DataNotFoundError(FileNotFoundError):
     """A dataset is neither prepared in the data directories nor buildable from local files."""
 
 
+def _directory(path: str | os.PathLike, what: str) -> pathlib.Path:
+    """``path`` as a Path; raises if it exists and is not a directory."""
+    path = pathlib.Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(
+            f"{what} {str(path)!r} is a file, not a directory; point it at the folder that holds "
+            "(or should hold) the prepared tfds datasets"
+        )
+    return path
+
+
 def resolve_data_dirs(data_dir: DataDir) -> list[pathlib.Path]:
-    """``data_dir`` argument -> ordered list of directories to search (see module doc)."""
+    """``data_dir`` argument -> ordered list of directories to search (see module doc).
+
+    Raises:
+      NotADirectoryError: one of the directories exists and is a file.
+      ValueError: ``data_dir`` is an empty sequence.
+    """
     if data_dir is None:
         env = os.environ.get("TFDS_DATA_DIR")
-        dirs = [env] if env else [os.path.join(os.path.expanduser("~"), "tensorflow_datasets")]
-    elif isinstance(data_dir, str | os.PathLike):
+        if env:
+            return [_directory(env, "$TFDS_DATA_DIR")]
+        return [_directory(os.path.join("~", "tensorflow_datasets"), "the default data_dir")]
+    if isinstance(data_dir, str | os.PathLike):
         dirs = [data_dir]
     else:
         dirs = list(data_dir)
         if not dirs:
             raise ValueError("data_dir is an empty sequence; give at least one directory")
-    return [pathlib.Path(d).expanduser() for d in dirs]
+    return [_directory(d, "data_dir") for d in dirs]
 
 
 def _is_writable(path: pathlib.Path) -> bool:
@@ -78,7 +105,7 @@ def build_target(dirs: Sequence[pathlib.Path], build_dir=None) -> pathlib.Path |
     """Where missing OOD sets are built: ``build_dir``, else the first writable of ``dirs``,
     else the default directory (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``) if writable."""
     if build_dir is not None:
-        return pathlib.Path(build_dir).expanduser()
+        return _directory(build_dir, "build_dir")
     for d in (*dirs, *resolve_data_dirs(None)):
         if _is_writable(d):
             return d
@@ -90,11 +117,38 @@ def _tfds_is_mocked() -> bool:
     return getattr(fn, "__name__", "") == "mock_download_and_prepare"
 
 
+_TEMPDIR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _private_tempdir() -> Iterator[None]:
+    """Points ``tempfile`` at a private folder for the duration, then removes it.
+
+    Used around ``tfds.builder(...)`` only (milliseconds): for a set that is not prepared, tfds's
+    ``DatasetInfo.initialize_from_bucket`` creates a ``tmp*tfds`` folder and never removes it.
+    """
+    with _TEMPDIR_LOCK:
+        private = tempfile.mkdtemp(prefix="isomax_tfds_")
+        saved, tempfile.tempdir = tempfile.tempdir, private
+        try:
+            yield
+        finally:
+            tempfile.tempdir = saved
+            shutil.rmtree(private, ignore_errors=True)
+
+
+def _tfds_builder(name: str, data_dir: pathlib.Path):
+    if name in OOD_BUILDERS:  # these skip the bucket lookup (see builders.base)
+        return tfds.builder(name, data_dir=os.fspath(data_dir))
+    with _private_tempdir():
+        return tfds.builder(name, data_dir=os.fspath(data_dir))
+
+
 def _prepared(name: str, dirs: Sequence[pathlib.Path]):
     for d in dirs:
         if not (d / name).is_dir():
             continue
-        builder = tfds.builder(name, data_dir=os.fspath(d))
+        builder = _tfds_builder(name, d)
         if builder.is_prepared():
             return builder
     return None
@@ -123,7 +177,7 @@ def _build(name: str, build_dir: pathlib.Path, manual_dir, download: bool):
     else:
         download_dir = tmp_downloads = pathlib.Path(tempfile.mkdtemp(prefix="isomax_tfds_dl_"))
     try:
-        builder = tfds.builder(name, data_dir=os.fspath(build_dir))
+        builder = _tfds_builder(name, build_dir)
         builder.download_and_prepare(
             download_dir=os.fspath(download_dir),
             download_config=tfds.download.DownloadConfig(
@@ -161,6 +215,7 @@ def load_builder(
 
     Raises:
       DataNotFoundError: the data is not available (message says what was searched).
+      NotADirectoryError: ``data_dir``, ``$TFDS_DATA_DIR`` or ``build_dir`` is a file.
     """
     if _tfds_is_mocked():
         return tfds.builder(candidates[0])

@@ -77,6 +77,18 @@ def encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """The info of a set built locally: never looked up in the tfds GCS bucket.
+
+    tfds's ``initialize_from_bucket`` runs when a builder is created for a set that is not
+    prepared yet; it creates a ``tmp*tfds`` folder in the temp directory and never removes it
+    (one empty folder per build). These sets are not in the bucket, so the lookup is skipped.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        return None
+
+
 class OODBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the OOD builders: one ``test`` split of uint8 ``[32, 32, 3]`` images.
 
@@ -130,7 +142,7 @@ class OODBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return f"{alternatives} in {' or '.join(roots)}"
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return _LocalDatasetInfo(
             builder=self,
             description=self.DESCRIPTION,
             features=tfds.features.FeaturesDict(
