@@ -1,4 +1,4 @@
-"""Per-channel normalisation statistics of the in-distribution sets (REFERENCE §4).
+"""Per-channel normalisation statistics of the in-distribution sets (docs/recipe.md).
 
 Every evaluation set, OOD sets included, is normalised with the statistics of the
 **in-distribution** set the model was trained on.

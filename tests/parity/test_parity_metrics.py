@@ -3,7 +3,7 @@
 The reference package computes AUROC, AUPR-in and AUPR-out with scikit-learn (in-distribution
 positive for AUROC/AUPR-in, OOD positive on the negated score for AUPR-out). That is exactly the
 OpenOOD convention here; the papers' own sweep ("reference") has the same AUROC on tie-free
-scores and AUPRs within ~1e-4 (REFERENCE.md §3).
+scores and AUPRs within ~1e-4 (docs/metrics.md).
 """
 
 import contextlib
