@@ -1,33 +1,104 @@
-"""Orbax checkpoints of a run (latest every N steps + best by a metric) and run metadata.
+"""Checkpoints you can trust: Orbax checkpoints with content fingerprints, run metadata, a lock.
 
 A run directory looks like::
 
-    workdir/run.json            config, seed, versions, device layout (one entry per start)
-    workdir/checkpoints/<step>  the latest checkpoints (every ``save_every_steps`` and at the end)
-    workdir/best/<step>         the best checkpoint(s) by ``best_metric``
+    workdir/run.json                         config, seed, versions, device layout (per start)
+    workdir/.lock                            held while a process works in the directory
+    workdir/checkpoints/<step>/state         the TrainState arrays (Orbax ``StandardSave``)
+    workdir/checkpoints/<step>/fingerprint   sha256 of every array (JSON), saved with them
+    workdir/corrupted_checkpoints/<step>     checkpoints found damaged, moved aside (never deleted)
 
-Every process of a multi-host run calls the same methods (Orbax coordinates the writes); only
-process 0 writes ``run.json``.
+What is guaranteed (see ``docs/reliability.md``):
+
+* **Fingerprints.** :meth:`RunCheckpointer.save` hashes every array (bytes, dtype and shape)
+  and writes the digests as a second item of the same Orbax step, committed atomically with the
+  arrays. :meth:`RunCheckpointer.restore_latest` recomputes them on the restored arrays: a
+  truncated or zero-length file, a deleted ``_METADATA``, a missing item or a few bytes
+  overwritten inside an array file (which Orbax itself restores without a word) are all caught.
+* **Fallback, never a silent fresh start.** A damaged checkpoint is reported with
+  ``logging.warning`` (step and reason), moved to ``corrupted_checkpoints/`` so the resumed run
+  can save that step again, and the newest intact one is restored. If checkpoints exist but none
+  is intact, :class:`CheckpointCorruptedError` is raised.
+* **One process per run directory.** :func:`workdir_lock` holds an exclusive, non-blocking
+  ``flock`` on ``workdir/.lock``; a second process fails at once, naming the directory and the
+  holder's PID and host. In a multi-host run only process 0 takes it (see :func:`workdir_lock`).
+* **Run metadata.** :func:`write_run_metadata` refuses to mix two runs in one directory and
+  names every setting that differs.
+
+Every process of a multi-host run calls the same :class:`RunCheckpointer` methods (Orbax
+coordinates the writes); only process 0 writes ``run.json`` and moves damaged checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
+import hashlib
+import importlib
+import importlib.metadata
 import json
+import logging
+import os
 import pathlib
 import platform
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 from isomax_jax import distributed
 
 RUN_METADATA = "run.json"
+LOCK_FILE = ".lock"
+CHECKPOINTS = "checkpoints"
+CORRUPTED = "corrupted_checkpoints"
+FINGERPRINT_FORMAT = "isomax_jax.checkpoint_fingerprint/1"
 
 _STATE_FIELDS = ("step", "params", "batch_stats", "opt_state", "rng")
+_VERSIONED = ("isomax_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointCorruptedError(RuntimeError):
+    """Checkpoints exist in a run directory but none of them is intact."""
+
+
+class WorkdirLockedError(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+# --------------------------------------------------------------------------------------------
+# Versions and run metadata
+# --------------------------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of the packages a run depends on (distribution names as keys).
+
+    The one record of versions in the package: ``run.json`` and the experiment report use it.
+
+    Example:
+      >>> sorted(versions())[:3]
+      ['flax', 'isomax_jax', 'jax']
+    """
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            module = name.replace("-", ".")
+            try:  # a source checkout that is not installed
+                out[name] = str(importlib.import_module(module).__version__)
+            except (ImportError, AttributeError):
+                out[name] = "not installed"
+    return out
 
 
 def _config_to_dict(config: Any) -> Any:
@@ -42,30 +113,35 @@ def _config_to_dict(config: Any) -> Any:
     raise TypeError(f"config must be a ConfigDict, dataclass or mapping, got {type(config)}")
 
 
-def versions() -> dict[str, str]:
-    """Versions of Python and of the libraries a run depends on."""
-    import flax
-    import jaxlib
-    import optax
+_ABSENT = "<absent>"
 
-    import isomax_jax
 
-    return {
-        "isomax_jax": isomax_jax.__version__,
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "orbax_checkpoint": getattr(ocp, "__version__", "unknown"),
-        "python": platform.python_version(),
-    }
+def _flat(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        out = {}
+        for key in sorted(value, key=str):
+            out.update(_flat(value[key], f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def _differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``"key: recorded -> current"`` for every differing leaf (dotted keys)."""
+    old, new = _flat(recorded, ""), _flat(current, "")
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+        if a != b:
+            lines.append(f"{key}: {a!r} -> {b!r}")
+    return lines
 
 
 def write_run_metadata(workdir: str | pathlib.Path, *, config: Any, seed: int) -> dict[str, Any]:
     """Records config, seed, versions and device layout in ``workdir/run.json``.
 
     A resumed run appends a new entry to ``starts`` (versions and layout may change between
-    starts); a different ``config`` or ``seed`` than the recorded one raises ``ValueError``.
+    starts). A ``config`` or ``seed`` different from the recorded one raises ``ValueError``
+    naming every differing key with both values.
 
     Args:
       workdir: the run directory (created if needed).
@@ -93,10 +169,13 @@ def write_run_metadata(workdir: str | pathlib.Path, *, config: Any, seed: int) -
     }
     if path.exists():
         meta = json.loads(path.read_text())
-        if meta.get("config") != config_dict or meta.get("seed") != seed:
+        recorded = {"config": meta.get("config"), "seed": meta.get("seed")}
+        diff = _differences(recorded, {"config": config_dict, "seed": seed})
+        if diff:
             raise ValueError(
-                f"{path} records a different config/seed (seed {meta.get('seed')} vs {seed}); "
-                "use a fresh workdir for a different run"
+                f"{path} records a different run; {len(diff)} setting(s) differ (recorded -> "
+                "now):\n  " + "\n  ".join(diff) + "\nUse a fresh workdir for a different run, "
+                f"or rerun with the recorded config and seed (in {path}) to resume this one."
             )
         meta["starts"].append(start)
     else:
@@ -109,21 +188,187 @@ def write_run_metadata(workdir: str | pathlib.Path, *, config: Any, seed: int) -
     return meta
 
 
+# --------------------------------------------------------------------------------------------
+# Workdir lock
+# --------------------------------------------------------------------------------------------
+
+_HELD: dict[str, int] = {}  # realpath -> how many nested workdir_lock() of this process hold it
+_HELD_GUARD = threading.Lock()
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not info:
+        return "holder unknown"
+    return f"PID {info.get('pid')} on host {info.get('host')}, since {info.get('since')}"
+
+
+@contextlib.contextmanager
+def workdir_lock(path: str | pathlib.Path) -> Iterator[pathlib.Path]:
+    """Holds an exclusive lock on a run directory for the duration of the ``with`` block.
+
+    The lock is ``fcntl.flock(LOCK_EX | LOCK_NB)`` on ``path/.lock``, which records the holder's
+    PID, host and start time. A second process that asks for it fails at once with
+    :class:`WorkdirLockedError` naming the directory and the holder. The kernel releases the lock
+    when the holder exits, even on SIGKILL, so a stale ``.lock`` file never blocks a new run.
+    Nested ``workdir_lock`` of one directory in one process are allowed.
+
+    Multi-host runs: only ``jax.process_index() == 0`` takes the lock (call this after
+    :func:`isomax_jax.distributed.initialize`); the other processes of the run share the
+    directory by design. A second multi-host run on the same directory fails in its process 0.
+    On network filesystems ``flock`` needs lock support (NFSv4 emulates it with ``fcntl`` locks).
+
+    Args:
+      path: the run directory (created if needed).
+
+    Yields:
+      The directory as an absolute path.
+
+    Raises:
+      WorkdirLockedError: another process holds the lock.
+      PermissionError / OSError: the lock file cannot be created (e.g. a read-only directory).
+
+    Example:
+      >>> import tempfile
+      >>> with workdir_lock(tempfile.mkdtemp()) as run_dir:
+      ...     pass  # train, checkpoint, write the report
+    """
+    path = pathlib.Path(path).absolute()
+    if jax.process_index() != 0:
+        yield path
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(path)
+    with _HELD_GUARD:
+        nested = key in _HELD
+        if nested:
+            _HELD[key] += 1
+    if nested:
+        try:
+            yield path
+        finally:
+            with _HELD_GUARD:
+                _HELD[key] -= 1
+        return
+    lock_path = path / LOCK_FILE
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise type(e)(
+            e.errno, f"cannot create the lock file of {path} (the run directory must be writable)",
+            os.fspath(lock_path),
+        ) from e  # fmt: skip
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise WorkdirLockedError(
+            f"{path} is in use by another process ({holder}). Wait for it to finish, stop it, or "
+            "use another workdir; two processes in one run directory would share (and "
+            "overwrite) its checkpoints and logs."
+        ) from None
+    with _HELD_GUARD:
+        _HELD[key] = 1
+    try:
+        since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        info = json.dumps({"pid": os.getpid(), "host": platform.node(), "since": since})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        yield path
+    finally:
+        with _HELD_GUARD:
+            del _HELD[key]
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprints
+# --------------------------------------------------------------------------------------------
+
+
+def _host_array(x: Any) -> np.ndarray | None:
+    """The bytes to hash: a host copy, or None for an array sharded across processes."""
+    if isinstance(x, jax.Array):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        if not x.is_fully_addressable:
+            if not x.is_fully_replicated:
+                return None
+            x = x.addressable_data(0)
+    array = np.asarray(x)
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+def fingerprint(items: Any) -> dict[str, Any]:
+    """sha256 of every leaf of a pytree of arrays: ``{"leaves": {path: {dtype, shape, sha256}}}``.
+
+    Arrays sharded across processes (not fully replicated) cannot be hashed on one host; their
+    ``sha256`` is ``None`` and they are not verified.
+    """
+    leaves = {}
+    for key_path, leaf in jax.tree_util.tree_leaves_with_path(items):
+        array = _host_array(leaf)
+        entry = {"dtype": None, "shape": None, "sha256": None}
+        if array is not None:
+            digest = hashlib.sha256(array.dtype.str.encode() + str(array.shape).encode())
+            digest.update(memoryview(array.reshape(-1).view(np.uint8)))
+            entry = {"dtype": array.dtype.name, "shape": list(array.shape)}
+            entry["sha256"] = digest.hexdigest()
+        leaves[jax.tree_util.keystr(key_path)] = entry
+    return {"format": FINGERPRINT_FORMAT, "algorithm": "sha256", "leaves": leaves}
+
+
+def _mismatches(saved: Mapping[str, Any], restored: Mapping[str, Any]) -> list[str]:
+    if not isinstance(saved, Mapping) or saved.get("format") != FINGERPRINT_FORMAT:
+        return [f"fingerprint has an unknown format ({str(saved)[:80]})"]
+    want, got = saved["leaves"], restored["leaves"]
+    problems = [f"{k}: not in the checkpoint" for k in sorted(set(got) - set(want))]
+    problems += [f"{k}: not restored" for k in sorted(set(want) - set(got))]
+    for key in sorted(set(want) & set(got)):
+        a, b = want[key], got[key]
+        if a["sha256"] is None or b["sha256"] is None:
+            continue
+        if (a["dtype"], a["shape"]) != (b["dtype"], b["shape"]):
+            problems.append(f"{key}: saved {a['dtype']}{a['shape']}, got {b['dtype']}{b['shape']}")
+        elif a["sha256"] != b["sha256"]:
+            problems.append(f"{key}: content differs from what was saved")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpointer
+# --------------------------------------------------------------------------------------------
+
+
 def _state_items(state: Any) -> dict[str, Any]:
     return {name: getattr(state, name) for name in _STATE_FIELDS}
 
 
+def _reason(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
 class RunCheckpointer:
-    """Latest-every-N-steps and best-by-metric Orbax checkpoints of a :class:`TrainState`.
+    """Orbax checkpoints of a :class:`isomax_jax.train.TrainState`, fingerprinted and verified.
+
+    Saving every N steps and keeping the last K are Orbax's own ``CheckpointManager`` options
+    (``save_decision_policy`` with ``FixedIntervalPolicy``, rather than ``save_interval_steps``,
+    which adds an unrequested save at the first step of a fresh run; ``max_to_keep``). See the
+    module docstring for what :meth:`save` and :meth:`restore_latest` guarantee. Wrap the run
+    in :func:`workdir_lock` so that no second process uses the same directory.
 
     Args:
-      workdir: the run directory.
+      workdir: the run directory; checkpoints go to ``workdir/checkpoints``.
       save_every_steps: :meth:`save` writes at steps that are multiples of this (and with
         ``force=True``, e.g. at the end of training).
-      keep: how many latest checkpoints to keep.
-      best_metric: name of the metric :meth:`save_best` ranks by (``None``: no best checkpoint).
-      best_mode: ``"max"`` (e.g. accuracy) or ``"min"`` (e.g. loss).
-      keep_best: how many best checkpoints to keep.
+      keep: how many checkpoints to keep (the oldest are deleted by Orbax).
       async_save: write in a background thread (call :meth:`close` or :meth:`wait` at the end).
 
     Example:
@@ -140,99 +385,158 @@ class RunCheckpointer:
         *,
         save_every_steps: int,
         keep: int = 2,
-        best_metric: str | None = None,
-        best_mode: str = "max",
-        keep_best: int = 1,
         async_save: bool = True,
     ):
-        if save_every_steps <= 0:
-            raise ValueError(f"save_every_steps must be positive, got {save_every_steps}")
-        if best_mode not in ("max", "min"):
-            raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-        workdir = pathlib.Path(workdir).absolute()
+        for name, value in (("save_every_steps", save_every_steps), ("keep", keep)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.workdir = pathlib.Path(workdir).absolute()
+        self.directory = self.workdir / CHECKPOINTS
         self.save_every_steps = save_every_steps
-        self.best_metric = best_metric
-        self._latest = ocp.CheckpointManager(
-            workdir / "checkpoints",
+        policy = checkpoint_managers.AnySavePolicy(
+            [
+                checkpoint_managers.FixedIntervalPolicy(save_every_steps),
+                checkpoint_managers.PreemptionCheckpointingPolicy(),
+            ]
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
+                save_decision_policy=policy,
                 enable_async_checkpointing=async_save,
             ),
         )
-        self._best = None
-        if best_metric is not None:
-            self._best = ocp.CheckpointManager(
-                workdir / "best",
-                options=ocp.CheckpointManagerOptions(
-                    max_to_keep=keep_best,
-                    best_fn=lambda metrics: float(metrics[best_metric]),
-                    best_mode=best_mode,
-                    keep_checkpoints_without_metrics=False,
-                    enable_async_checkpointing=async_save,
-                ),
-            )
 
     def latest_step(self) -> int | None:
-        """Step of the newest complete latest-checkpoint, or ``None``."""
-        return self._latest.latest_step()
+        """Step of the newest checkpoint on disk, or ``None``.
 
-    def best_step(self) -> int | None:
-        """Step of the best checkpoint by ``best_metric``, or ``None``."""
-        return None if self._best is None else self._best.best_step()
+        Its integrity is checked only by :meth:`restore_latest`, which may fall back to an older
+        step: read the restored ``state.step`` for the step actually restored.
+        """
+        return self._manager.latest_step()
 
     def save(self, state: Any, *, force: bool = False) -> bool:
-        """Saves ``state`` at ``int(state.step)`` if it is a multiple of N (or ``force``)."""
+        """Saves ``state`` at ``int(state.step)`` if it is a multiple of N (or ``force``).
+
+        The arrays may live on devices or be host copies (``jax.device_get(state)``). Their
+        fingerprint is computed here, before the (possibly asynchronous) write.
+
+        Returns:
+          Whether a checkpoint was started (never for a step that is already saved).
+        """
         step = int(state.step)
-        if not force and step % self.save_every_steps:
+        if step in self._manager.all_steps():
             return False
-        if step in self._latest.all_steps():
+        if not force and not self._manager.should_save(step):
             return False
-        return self._latest.save(step, args=ocp.args.StandardSave(_state_items(state)), force=True)
-
-    def save_best(self, state: Any, metrics: Mapping[str, Any]) -> bool:
-        """Offers ``state`` with its evaluation ``metrics``; keeps it if among the best."""
-        if self._best is None:
-            raise ValueError("save_best needs a RunCheckpointer built with best_metric")
-        if self.best_metric not in metrics:
-            raise ValueError(f"metrics must contain {self.best_metric!r}, got {sorted(metrics)}")
-        metrics = {k: float(v) for k, v in metrics.items()}
-        return self._best.save(
-            int(state.step),
-            args=ocp.args.StandardSave(_state_items(state)),
-            metrics=metrics,
-            force=True,
+        items = _state_items(state)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(items),
+            fingerprint=ocp.args.JsonSave({**fingerprint(items), "step": step}),
         )
+        return self._manager.save(step, args=args, force=True)
 
-    @staticmethod
-    def _restore(manager: ocp.CheckpointManager, step: int, state: Any) -> Any:
+    def _restore_verified(self, step: int, state: Any) -> Any:
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_items(state))
-        items = manager.restore(step, args=ocp.args.StandardRestore(target))
+        step_dir = self.directory / str(step)
+        if (step_dir / "default").is_dir() and not (step_dir / "state").exists():
+            items = ocp.StandardCheckpointer().restore(step_dir / "default", target)
+            log.warning(
+                "checkpoint %s was written before checkpoints carried fingerprints: restored "
+                "without verification",
+                step_dir,
+            )
+            return state.replace(**items)
+        if not (step_dir / "fingerprint").is_dir():
+            raise FileNotFoundError(f"its fingerprint item {step_dir / 'fingerprint'} is missing")
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), fingerprint=ocp.args.JsonRestore()
+            ),
+        )
+        items, saved = restored["state"], restored["fingerprint"]
+        problems = _mismatches(saved, fingerprint(items))
+        if not problems and int(np.asarray(_host_array(items["step"]))) != step:
+            problems = [f"it holds step {int(np.asarray(_host_array(items['step'])))}"]
+        if problems:
+            shown = "; ".join(problems[:5])
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise ValueError(f"fingerprint mismatch: {shown}{more}")
         return state.replace(**items)
 
+    def _steps_on_disk(self) -> list[int]:
+        """Orbax's steps and any other integer-named folder (a checkpoint Orbax cannot list)."""
+        steps = set(self._manager.all_steps())
+        if self.directory.is_dir():
+            steps |= {int(p.name) for p in self.directory.iterdir() if p.name.isdigit()}
+        return sorted(steps, reverse=True)
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves damaged checkpoints to ``corrupted_checkpoints/`` so their steps can be saved
+        again (process 0; the others wait)."""
+        if jax.process_index() == 0:
+            target = self.workdir / CORRUPTED
+            for step in steps:
+                stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+                try:
+                    target.mkdir(exist_ok=True)
+                    (self.directory / str(step)).rename(target / f"{step}.{stamp}")
+                except OSError as e:
+                    log.warning("could not move damaged checkpoint %d aside: %s", step, e)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("isomax_jax.checkpointing.set_aside")
+        self._manager.reload()
+
     def restore_latest(self, state: Any) -> Any:
-        """``state`` with the arrays of the latest checkpoint (``state`` itself if none).
+        """``state`` with the arrays of the newest intact checkpoint (``state`` itself if none).
 
-        ``state`` is the freshly initialised state: it supplies the structure, the static fields
-        (model, optimiser, loss) and the shardings of the restored arrays.
+        ``state`` supplies the structure, the static fields (model, optimiser, loss) and the
+        shardings of the restored arrays; it may be abstract (``jax.ShapeDtypeStruct`` leaves with
+        shardings), e.g. for an evaluation that restores without initialising. Each candidate,
+        newest first, is restored and its fingerprint verified; a damaged one is reported with
+        ``logging.warning`` and moved aside (see the module doc).
+
+        Raises:
+          CheckpointCorruptedError: checkpoints exist but none is intact (the run must not
+            silently start again from scratch).
         """
-        step = self.latest_step()
-        return state if step is None else self._restore(self._latest, step, state)
-
-    def restore_best(self, state: Any) -> Any:
-        """``state`` with the arrays of the best checkpoint (raises if there is none)."""
-        step = self.best_step()
-        if step is None:
-            raise FileNotFoundError("no best checkpoint in this run directory")
-        return self._restore(self._best, step, state)
+        steps = self._steps_on_disk()
+        failures: list[tuple[int, str]] = []
+        for step in steps:
+            try:
+                restored = self._restore_verified(step, state)
+            except Exception as e:  # any damage: reported, then the previous checkpoint
+                failures.append((step, _reason(e)))
+                log.warning(
+                    "checkpoint at step %d in %s is not intact (%s); trying the one before it",
+                    step, self.directory, failures[-1][1],
+                )  # fmt: skip
+                continue
+            if failures:
+                log.warning(
+                    "resuming from step %d, the newest intact checkpoint in %s; damaged ones "
+                    "(steps %s) are moved to %s",
+                    step, self.directory, [s for s, _ in failures], self.workdir / CORRUPTED,
+                )  # fmt: skip
+                self._set_aside([s for s, _ in failures])
+            return restored
+        if failures:
+            listed = "\n  ".join(f"step {s}: {r}" for s, r in failures)
+            raise CheckpointCorruptedError(
+                f"none of the {len(failures)} checkpoint(s) in {self.directory} is intact:\n  "
+                f"{listed}\nRefusing to start from scratch over them. Restore them from a backup, "
+                f"or move {self.directory} away to train again from step 0."
+            )
+        return state
 
     def wait(self) -> None:
         """Blocks until background saves are written."""
-        self._latest.wait_until_finished()
-        if self._best is not None:
-            self._best.wait_until_finished()
+        self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves and releases the managers."""
-        self._latest.close()
-        if self._best is not None:
-            self._best.close()
+        """Waits for pending saves and releases the manager."""
+        self._manager.close()
