@@ -3,14 +3,17 @@
 Big models are only traced abstractly (``jax.eval_shape``); real forwards use ``small_resnet``.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from isomax_jax import heads
-from isomax_jax.models import BACKBONES, HEADS, SoftMaxHead, feature_dim, get_model
+from isomax_jax.models import BACKBONES, HEADS, SoftMaxHead, feature_dim, get_model, layers
 from isomax_jax.models.densenet import DenseNetBC
+from isomax_jax.models.layers import BatchNorm
 from isomax_jax.models.resnet import BasicBlock, CifarResNet
 from isomax_jax.models.wide_resnet import WideResNet
 
@@ -126,10 +129,11 @@ def test_small_resnet_forward_train_and_eval():
 
 def test_zero_init_last_bn():
     # ResNet-34's blocks start with the last BN scale at zero; the others at one.
-    block = BasicBlock(8, stride=2, shortcut="projection", zero_init_last_bn=True)
-    params = jax.jit(lambda k, x: block.init(k, x, train=False))(
-        jax.random.key(0), jnp.zeros((1, 8, 8, 4))
-    )["params"]
+    norm = functools.partial(BatchNorm, use_running_average=True)
+    block = BasicBlock(
+        8, conv=layers.conv, norm=norm, stride=2, shortcut="projection", zero_init_last_bn=True
+    )
+    params = jax.jit(block.init)(jax.random.key(0), jnp.zeros((1, 8, 8, 4)))["params"]
     np.testing.assert_array_equal(params["bn2"]["scale"], np.zeros(8))
     np.testing.assert_array_equal(params["bn1"]["scale"], np.ones(8))
     np.testing.assert_array_equal(params["shortcut_1"]["scale"], np.ones(8))

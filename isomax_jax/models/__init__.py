@@ -15,13 +15,17 @@ Example (shapes only, with ``jax.eval_shape``; ``model.init`` / ``model.apply`` 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from isomax_jax.models import densenet, resnet, wide_resnet
 from isomax_jax.models.classifier import Classifier, SoftMaxHead
 
-#: name -> (backbone factory, feature dimension).
+#: name -> (backbone factory, feature dimension). A backbone maps ``(images, train=)`` to
+#: float32 features ``[batch, D]`` and has the fields ``bn_axis_name`` and ``dtype``, which
+#: :func:`get_model` sets with ``clone``.
 BACKBONES: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "densenet_bc100": (densenet.densenet_bc100, 342),
     "resnet34": (resnet.resnet34, 512),
@@ -55,6 +59,7 @@ def get_model(
     head: str,
     temperature: float = 1.0,
     bn_axis_name: str | None = None,
+    dtype: Any = jnp.float32,
 ) -> Classifier:
     """A backbone with a head: ``apply(variables, images, train=..., return_features=False)``.
 
@@ -68,6 +73,10 @@ def get_model(
         averages its batch statistics, so that a pmapped step equals the global-batch step
         (:func:`isomax_jax.parallel.pmap_train_step` uses ``"batch"``). Leave None with
         ``jax.jit`` + sharding, where statistics are global already.
+      dtype: compute dtype of the backbone's convolutions and activations: ``jnp.float32``
+        (default) or ``jnp.bfloat16`` for mixed precision. Parameters and BatchNorm statistics
+        stay float32 in every case; the features are cast to float32 before the head, so
+        logits, loss and scores are float32 (see ``docs/accelerators.md``).
 
     Returns:
       A :class:`Classifier`; its variables are ``{"params", "batch_stats"}`` with the backbone
@@ -75,6 +84,7 @@ def get_model(
 
     Raises:
       ValueError: for an unknown name or head, or ``num_classes < 1``.
+      TypeError: if ``dtype`` is not a floating-point dtype.
     """
     if name not in BACKBONES:
         raise ValueError(f"`name` must be one of {sorted(BACKBONES)}; got {name!r}.")
@@ -82,9 +92,15 @@ def get_model(
         raise ValueError(f"`head` must be one of {list(HEADS)}; got {head!r}.")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"`num_classes` must be a positive int; got {num_classes!r}.")
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError as error:
+        raise TypeError(f"`dtype` must be a floating-point dtype; got {dtype!r}.") from error
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"`dtype` must be a floating-point dtype; got {dtype}.")
     factory, _ = BACKBONES[name]
     return Classifier(
-        backbone=factory().clone(bn_axis_name=bn_axis_name),
+        backbone=factory().clone(bn_axis_name=bn_axis_name, dtype=dtype),
         classifier=make_head(head, num_classes=num_classes, temperature=temperature),
     )
 

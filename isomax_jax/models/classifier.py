@@ -2,7 +2,9 @@
 
 :class:`Classifier` is what :func:`isomax_jax.models.get_model` returns: it checks the images,
 runs the backbone to pooled features ``[batch, features]`` and the head (submodule
-``classifier``, as in the PyTorch reference) to logits ``[batch, num_classes]``.
+``classifier``, as in the PyTorch reference) to logits ``[batch, num_classes]``. The features
+are cast to float32 (at least) before the head, so with a bfloat16 backbone the head, the loss
+and the scores still run in float32.
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ class Classifier(nn.Module):
           return_features: also return the pooled backbone features.
 
         Returns:
-          ``logits [batch, C]``, or ``(logits, features [batch, D])`` if ``return_features``.
+          ``logits [batch, C]``, or ``(logits, features [batch, D])`` if ``return_features``;
+          both float32 (or wider) whatever the backbone's compute dtype.
         """
         shape = np.shape(images)
         if len(shape) != 4 or shape[-1] != 3:
@@ -109,5 +112,6 @@ class Classifier(nn.Module):
                 f"`images` must have a floating-point dtype (normalised images); got {dtype}."
             )
         features = self.backbone(jnp.asarray(images), train=train)
+        features = features.astype(jnp.promote_types(features.dtype, jnp.float32))
         logits = self.classifier(features)
         return (logits, features) if return_features else logits

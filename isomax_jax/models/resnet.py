@@ -8,13 +8,16 @@ Submodule names mirror the PyTorch reference's ``state_dict`` keys with ``.<inde
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from isomax_jax.models.layers import batch_norm, conv
+from isomax_jax.models import layers
+from isomax_jax.models.layers import ModuleDef
 
 
 class BasicBlock(nn.Module):
@@ -22,6 +25,11 @@ class BasicBlock(nn.Module):
 
     Attributes:
       features: output channels.
+      conv: convolution factory, ``conv(features, kernel_size, *, stride, name)``
+        (:func:`isomax_jax.models.layers.conv` with the compute dtype bound).
+      norm: normalisation factory, ``norm(name=..., scale_init=...)`` (a
+        :class:`isomax_jax.models.layers.BatchNorm` partial with the mode, ``pmap`` axis and
+        dtype bound).
       stride: stride of the first convolution (and of the shortcut).
       shortcut: ``"projection"`` (1×1 conv + BN when the shape changes, ResNet-34) or
         ``"zero_pad"`` (option A: subsample and zero-pad the channels, ResNet-110; no parameters).
@@ -29,24 +37,24 @@ class BasicBlock(nn.Module):
     """
 
     features: int
+    conv: ModuleDef
+    norm: ModuleDef
     stride: int = 1
     shortcut: str = "projection"
     zero_init_last_bn: bool = False
-    bn_axis_name: str | None = None  # pmap axis name for cross-device BatchNorm statistics
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        out = conv(self.features, 3, stride=self.stride, name="conv1")(x)
-        out = nn.relu(batch_norm(train=train, axis_name=self.bn_axis_name, name="bn1")(out))
-        out = conv(self.features, 3, name="conv2")(out)
-        out = batch_norm(
-            train=train, axis_name=self.bn_axis_name, zero_init=self.zero_init_last_bn, name="bn2"
-        )(out)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = self.conv(self.features, 3, stride=self.stride, name="conv1")(x)
+        out = nn.relu(self.norm(name="bn1")(out))
+        out = self.conv(self.features, 3, name="conv2")(out)
+        last_scale = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
+        out = self.norm(scale_init=last_scale, name="bn2")(out)
         in_features = x.shape[-1]
         if self.stride != 1 or in_features != self.features:
             if self.shortcut == "projection":
-                x = conv(self.features, 1, stride=self.stride, name="shortcut_0")(x)
-                x = batch_norm(train=train, axis_name=self.bn_axis_name, name="shortcut_1")(x)
+                x = self.conv(self.features, 1, stride=self.stride, name="shortcut_0")(x)
+                x = self.norm(name="shortcut_1")(x)
             elif self.shortcut == "zero_pad":
                 # Option A as in the CIFAR ResNet paper: take every stride-th pixel (the same
                 # positions the strided 3×3 conv is centred on) and pad channels on both sides.
@@ -75,6 +83,12 @@ class CifarResNet(nn.Module):
       stem_stride: stride of the stem convolution (1 in the paper models).
       shortcut: see :class:`BasicBlock`.
       zero_init_last_bn: see :class:`BasicBlock`.
+      bn_axis_name: ``pmap`` axis over which BatchNorm averages batch statistics (None under
+        ``jax.jit``, where they are global already).
+      dtype: compute dtype of convolutions and activations (float32 or bfloat16); parameters and
+        BatchNorm statistics are float32, the returned features float32.
+      conv: convolution factory (:func:`isomax_jax.models.layers.conv`).
+      norm: normalisation module (:class:`isomax_jax.models.layers.BatchNorm`).
 
     The feature dimension is ``widths[-1]``.
     """
@@ -85,23 +99,31 @@ class CifarResNet(nn.Module):
     stem_stride: int = 1
     shortcut: str = "projection"
     zero_init_last_bn: bool = False
-    bn_axis_name: str | None = None  # pmap axis name for cross-device BatchNorm statistics
+    bn_axis_name: str | None = None
+    dtype: Any = jnp.float32
+    conv: ModuleDef = layers.conv
+    norm: ModuleDef = layers.BatchNorm
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        conv = functools.partial(self.conv, dtype=self.dtype)
+        norm = functools.partial(
+            self.norm, use_running_average=not train, axis_name=self.bn_axis_name, dtype=self.dtype
+        )
         x = conv(self.stem_width, 3, stride=self.stem_stride, name="conv1")(x)
-        x = nn.relu(batch_norm(train=train, axis_name=self.bn_axis_name, name="bn1")(x))
+        x = nn.relu(norm(name="bn1")(x))
         for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
             for j in range(blocks):
                 x = BasicBlock(
                     width,
+                    conv=conv,
+                    norm=norm,
                     stride=2 if (i > 0 and j == 0) else 1,
                     shortcut=self.shortcut,
                     zero_init_last_bn=self.zero_init_last_bn,
-                    bn_axis_name=self.bn_axis_name,
                     name=f"layer{i + 1}_{j}",
-                )(x, train=train)
-        return jnp.mean(x, axis=(1, 2))
+                )(x)
+        return layers.global_average_pool(x)
 
 
 def resnet34() -> CifarResNet:
