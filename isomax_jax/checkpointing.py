@@ -192,7 +192,7 @@ def write_run_metadata(workdir: str | pathlib.Path, *, config: Any, seed: int) -
 # Workdir lock
 # --------------------------------------------------------------------------------------------
 
-_HELD: dict[str, int] = {}  # realpath -> how many nested workdir_lock() of this process hold it
+_HELD: set[str] = set()  # directories whose lock this process holds
 _HELD_GUARD = threading.Lock()
 
 
@@ -229,7 +229,7 @@ def workdir_lock(path: str | pathlib.Path) -> Iterator[pathlib.Path]:
 
     Raises:
       WorkdirLockedError: another process holds the lock.
-      PermissionError / OSError: the lock file cannot be created (e.g. a read-only directory).
+      OSError: the lock file cannot be created (e.g. a read-only directory).
 
     Example:
       >>> import tempfile
@@ -237,30 +237,18 @@ def workdir_lock(path: str | pathlib.Path) -> Iterator[pathlib.Path]:
       ...     pass  # train, checkpoint, write the report
     """
     path = pathlib.Path(path).absolute()
-    if jax.process_index() != 0:
+    key = os.path.realpath(path)
+    with _HELD_GUARD:
+        held = key in _HELD
+    if held or jax.process_index() != 0:
         yield path
         return
     path.mkdir(parents=True, exist_ok=True)
-    key = os.path.realpath(path)
-    with _HELD_GUARD:
-        nested = key in _HELD
-        if nested:
-            _HELD[key] += 1
-    if nested:
-        try:
-            yield path
-        finally:
-            with _HELD_GUARD:
-                _HELD[key] -= 1
-        return
     lock_path = path / LOCK_FILE
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise type(e)(
-            e.errno, f"cannot create the lock file of {path} (the run directory must be writable)",
-            os.fspath(lock_path),
-        ) from e  # fmt: skip
+        raise OSError(f"cannot create {lock_path}: the run directory must be writable ({e})") from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -271,17 +259,17 @@ def workdir_lock(path: str | pathlib.Path) -> Iterator[pathlib.Path]:
             "use another workdir; two processes in one run directory would share (and "
             "overwrite) its checkpoints and logs."
         ) from None
-    with _HELD_GUARD:
-        _HELD[key] = 1
     try:
         since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         info = json.dumps({"pid": os.getpid(), "host": platform.node(), "since": since})
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
+        with _HELD_GUARD:
+            _HELD.add(key)
         yield path
     finally:
         with _HELD_GUARD:
-            del _HELD[key]
+            _HELD.discard(key)
         os.ftruncate(fd, 0)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)

@@ -267,6 +267,22 @@ def test_abstract_state_with_shardings_is_restored_and_verified(tmp_path):
     )
 
 
+def test_checkpoint_from_before_fingerprints_is_restored_with_a_warning(tmp_path, caplog):
+    state = _state_at(3, 2.0)
+    items = {k: getattr(state, k) for k in ("step", "params", "batch_stats", "opt_state", "rng")}
+    old = ocp.CheckpointManager(tmp_path / "checkpoints")  # the layout written before: one item
+    old.save(3, args=ocp.args.StandardSave(items))
+    old.close()
+    ckpt = checkpointing.RunCheckpointer(tmp_path, save_every_steps=2)
+    with caplog.at_level(logging.WARNING, logger="isomax_jax.checkpointing"):
+        restored = ckpt.restore_latest(_initial_state())
+    ckpt.close()
+    assert int(restored.step) == 3
+    assert "before checkpoints carried fingerprints" in caplog.text
+    for x, y in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_fingerprint_sees_content_dtype_and_shape():
     base = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.int32(3)}
     same = checkpointing.fingerprint({"a": jnp.asarray(base["a"]), "b": jnp.int32(3)})
