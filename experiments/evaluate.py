@@ -1,16 +1,22 @@
-"""Evaluation of trained models: logits on the test and OOD sets, scores, metrics, report.
+"""Evaluation of trained models: outputs, every applicable detector, metrics, bootstrap.
 
-The evaluation is the same for every loss: one forward pass per model and data set (BatchNorm
-in inference mode, the in-distribution normalisation for every set), every applicable score from
-`isomax_jax.scores`, and `isomax_jax.metrics.ood_metrics` under each configured convention.
-Data sets are the outer loop, so each is read once for all the models of an experiment.
+The evaluation is the same for every loss. Each model runs once over each data set through the
+library's sharded eval step (`isomax_jax.parallel.sharded_eval_step(..., return_outputs=True)`:
+BatchNorm in inference mode, the in-distribution normalisation for every set), which gives the
+test accuracy and the logits and features of every example. Detectors that fit something
+(Mahalanobis, KNN, ViM, ReAct, ...) are fitted on the outputs of the training split (no
+augmentation, no OOD data) with their papers' default hyperparameters; every detector that
+applies to the model's head scores every set; `isomax_jax.metrics.ood_metrics` gives the
+metrics under each configured convention. Data sets are the outer loop, so each is read once for
+all the models of an experiment.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -18,265 +24,365 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from experiments import report
+from experiments import records
+from experiments.progress import Progress
+from isomax_jax import data, detectors, metrics, parallel, registry
 
-METRIC_KEYS = ("tnr_at_tpr", "fpr_at_tpr", "auroc", "aupr_in", "aupr_out", "detection_accuracy")
-
-# Scores that apply to each head: the softmax head's logits are not distances, so the
-# distance-based scores (MDS = max logit as minus the smallest distance, MMLES) are left out.
-APPLICABLE_SCORES = {
-    "softmax": ("mps", "es", "energy"),
-    "isomax": ("mps", "es", "mds", "mmles", "energy"),
-    "isomax_plus": ("mps", "es", "mds", "mmles", "energy"),
-    "dismax": ("mps", "es", "mds", "mmles", "energy"),
-}
+_Outputs = dict[str, np.ndarray]  # {"logits": [N, C], "features": [N, D]}
 
 
-def compute_scores(logits: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
-    """OOD scores (higher = more in-distribution) of `logits` [N, C], in float32 -> [N] each."""
-    from isomax_jax import scores as S
+@dataclasses.dataclass
+class Evaluation:
+    """What `evaluate_runs` returns to `train_eval` for the report."""
 
-    fns = {
-        "mps": S.max_probability,
-        "es": S.entropic,
-        "mds": S.min_distance,
-        "mmles": S.mmles,
-        "energy": S.energy,
-    }
-    x = jnp.asarray(logits, jnp.float32)
-    return {name: np.asarray(jax.jit(fns[name])(x), np.float32) for name in names}
+    runs: list[records.RunResult]
+    plot_scores: dict[str, dict[str, dict[str, np.ndarray]]]  # loss -> set -> detector -> [N]
+    logits: dict[str, dict[str, np.ndarray]]  # run name -> set -> [N, C]
+    bootstrap: dict[str, Any]
+    detector_info: dict[str, dict[str, Any]]
 
-
-def ood_table(
-    in_scores: Mapping[str, np.ndarray],
-    out_scores: Mapping[str, np.ndarray],
-    conventions: Sequence[str],
-) -> dict[str, dict[str, dict[str, float]]]:
-    """`{score: {convention: {metric: value}}}` for one OOD set (values are fractions)."""
-    from isomax_jax.metrics import ood_metrics
-
-    table: dict[str, dict[str, dict[str, float]]] = {}
-    for score, ins in in_scores.items():
-        for conv in conventions:
-            metrics = ood_metrics(jnp.asarray(ins), jnp.asarray(out_scores[score]), convention=conv)
-            table.setdefault(score, {})[conv] = {k: float(metrics[k]) for k in METRIC_KEYS}
-    return table
+    def save_logits(self, directory: str) -> None:
+        """`<directory>/<run name>.npz` with the logits of every evaluated set."""
+        os.makedirs(directory, exist_ok=True)
+        for name, by_set in self.logits.items():
+            np.savez_compressed(os.path.join(directory, f"{name}.npz"), **by_set)
 
 
-def forward_fns(models: Mapping[str, tuple[Any, Any]], mesh: Any) -> dict[str, Any]:
-    """Per model, `jit(apply)(variables, images) -> logits` in inference mode, batch split on
-    the mesh's data axis and logits replicated (so every process gets the whole batch)."""
-    from isomax_jax import parallel
+def applicable_detectors(config: Any, head: str) -> list[str]:
+    """The detectors scored for a model with `head`: `config.detectors` (all if empty),
+    those that apply to the head, in registry order."""
+    names = config.detectors or detectors.NAMES
+    return [n for n in detectors.NAMES if n in names and detectors.get(n).applies_to(head)]
 
-    rep = parallel.replicated(mesh)
 
-    def make(apply_fn):
-        return jax.jit(
-            lambda variables, images: apply_fn(variables, images, train=False),
-            in_shardings=(rep, parallel.batch_sharded(mesh)),
-            out_shardings=rep,
+def _head_inputs(run: records.TrainedRun) -> dict[str, Any]:
+    """`head_fn`, and `kernel`/`bias` of a linear head, for the detectors that need them."""
+    params = run.state.params["classifier"]
+    head = run.model.classifier
+
+    def head_fn(features):
+        return head.apply({"params": params}, features)
+
+    inputs: dict[str, Any] = {"head_fn": head_fn}
+    if "kernel" in params:
+        inputs.update(kernel=params["kernel"], bias=params["bias"])
+    return inputs
+
+
+def _apply_fn(run: records.TrainedRun):
+    variables = run.state.variables
+
+    def apply(images):
+        return run.model.apply(variables, images, train=False, return_features=True)
+
+    return apply
+
+
+class _Forward:
+    """The sharded eval step of every model, and a pass over a batch stream."""
+
+    def __init__(self, trained: Sequence[records.TrainedRun], mesh: Any):
+        self.trained, self.mesh = trained, mesh
+        step = parallel.sharded_eval_step(mesh, return_outputs=True)
+        self._step = step
+
+    def run(
+        self, batches: Iterable[Mapping[str, np.ndarray]], total: int, desc: str, cap: int | None
+    ) -> tuple[dict[str, _Outputs], np.ndarray, dict[str, float]]:
+        """Outputs of every model on the real (masked) examples, labels, accuracy per model."""
+        outs: dict[str, dict[str, list]] = {
+            t.name: {"logits": [], "features": []} for t in self.trained
+        }
+        sums = {t.name: np.zeros(2) for t in self.trained}
+        labels, seen = [], 0
+        gather = jax.jit(lambda x: x, out_shardings=parallel.replicated(self.mesh))
+        with Progress(desc, total, unit="batch", enabled=jax.process_index() == 0) as bar:
+            for batch in batches:
+                device_batch = parallel.shard_batch(
+                    {"image": batch["image"], "label": batch["label"], "mask": batch["mask"]},
+                    self.mesh,
+                )
+                meta = jax.device_get(
+                    gather({"m": device_batch["mask"], "y": device_batch["label"]})
+                )
+                mask = np.asarray(meta["m"], bool)
+                for t in self.trained:
+                    s, o = self._step(t.state, device_batch)
+                    s, o = jax.device_get((s, o))
+                    sums[t.name] += [float(s["correct"]), float(s["count"])]
+                    for key in ("logits", "features"):
+                        outs[t.name][key].append(np.asarray(o[key], np.float32)[mask])
+                labels.append(np.asarray(meta["y"])[mask])
+                seen += int(mask.sum())
+                bar.update(1)
+                if cap is not None and seen >= cap:
+                    break
+        result = {
+            name: {k: np.concatenate(v)[:cap] for k, v in by_key.items()}
+            for name, by_key in outs.items()
+        }
+        accuracy = {name: c / n if n else float("nan") for name, (c, n) in sums.items()}
+        return result, np.concatenate(labels)[:cap], accuracy
+
+
+def _split_batches(images: np.ndarray, labels: np.ndarray, dataset: str, batch_size: int):
+    """Padded, masked, normalised batches of an in-memory split (this process's rows)."""
+    mean, std = data.normalization_stats(dataset)
+    mean = np.asarray(mean, np.float32) * 255
+    scale = 1 / (np.asarray(std, np.float32) * 255)
+    per = batch_size // jax.process_count()
+    lo = jax.process_index() * per
+    for start in range(0, len(images), batch_size):
+        idx = np.arange(start + lo, start + lo + per)
+        mask = idx < len(images)
+        idx = np.where(mask, idx, 0)
+        x = (images[idx].astype(np.float32) - mean) * scale * mask[:, None, None, None]
+        yield {"image": x, "label": np.where(mask, labels[idx], -1).astype(np.int32), "mask": mask}
+
+
+def _score_all(
+    run: records.TrainedRun,
+    names: Sequence[str],
+    states: Mapping[str, Any],
+    outputs: _Outputs,
+    head_inputs: Mapping[str, Any],
+) -> dict[str, np.ndarray]:
+    scores = {}
+    for name in names:
+        det = detectors.get(name)
+        if det.needs_images:
+            continue
+        value = det.score(
+            states.get(name, {}),
+            features=outputs["features"],
+            logits=outputs["logits"],
+            **head_inputs,
         )
+        scores[name] = np.asarray(value, np.float32)
+    return scores
 
-    return {key: make(apply_fn) for key, (apply_fn, _) in models.items()}
+
+def _image_scores(config, run, name, state, dataset, head_inputs, cap) -> np.ndarray:
+    """Scores of an input-perturbation detector (ODIN) on the first `cap` examples of `dataset`."""
+    det = detectors.get(name)
+    apply = _apply_fn(run)
+    out, seen = [], 0
+    for batch in _eval_batches(config, dataset):
+        real = np.asarray(batch["mask"], bool)
+        images = jnp.asarray(batch["image"][real])
+        if len(images):
+            out.append(np.asarray(det.score_images(state, apply, images, **head_inputs)))
+            seen += len(images)
+        if seen >= cap:
+            break
+    return np.concatenate(out)[:cap].astype(np.float32)
 
 
-def collect_logits(
-    models: Mapping[str, tuple[Any, Any]],
-    dataset: str,
-    config: Any,
-    mesh: Any,
-    *,
-    build_dir: str | None = None,
-    forwards: Mapping[str, Any] | None = None,
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Logits of every model on `dataset` (real examples only) and the labels.
-
-    Args:
-      models: `{key: (apply_fn, variables)}`, variables replicated on `mesh`.
-      dataset: a name accepted by `isomax_jax.data.eval_dataset`.
-      config: the experiment config (dataset, eval_batch_size, max_eval_examples, data dirs).
-      mesh: the data mesh (`isomax_jax.parallel.data_mesh()`).
-      build_dir: where a missing OOD set is built (default `config.build_dir`, else the first
-        writable data directory).
-      forwards: the compiled forward passes from `forward_fns` (built if not given).
-
-    Returns:
-      `({key: float32 [N, C]}, int [N] labels)`, N capped by `config.max_eval_examples` > 0.
-    """
-    from isomax_jax import data, parallel
-
-    if forwards is None:
-        forwards = forward_fns(models, mesh)
-    # Masks and labels of all processes, replicated, so every process sees the whole set.
-    gather = jax.jit(lambda tree: tree, out_shardings=parallel.replicated(mesh))
-    cap = config.max_eval_examples if config.max_eval_examples > 0 else None
-    batches = data.eval_dataset(
+def _eval_batches(config: Any, dataset: str):
+    return data.eval_dataset(
         dataset,
         in_distribution=config.dataset,
         batch_size=config.eval_batch_size,
         data_dir=config.data_dir or None,
         manual_dir=config.manual_dir or None,
-        build_dir=build_dir or config.build_dir or None,
+        build_dir=config.build_dir or None,
         download=config.download,
     )
-    outs: dict[str, list[np.ndarray]] = {key: [] for key in models}
-    labels, n_real, start = [], 0, time.time()
-    last_log = start
-    for i, batch in enumerate(batches):
-        if time.time() - last_log > 30:  # progress on long sets / slow models
-            logging.info("eval %s: batch %d/%d", dataset, i, len(batches))
-            last_log = time.time()
-        images = parallel.shard_batch(np.asarray(batch["image"], np.float32), mesh)
-        meta = {"mask": np.asarray(batch["mask"]).astype(bool), "label": batch["label"]}
-        meta = jax.tree.map(np.asarray, gather(parallel.shard_batch(meta, mesh)))
-        mask = meta["mask"]
-        for key, (_, variables) in models.items():
-            outs[key].append(np.asarray(forwards[key](variables, images))[mask])
-        labels.append(meta["label"][mask])
-        n_real += int(mask.sum())
-        if cap is not None and n_real >= cap:
-            break
-    logits = {key: np.concatenate(v)[:cap] for key, v in outs.items()}
-    label_arr = np.concatenate(labels)[:cap]
-    logging.info(
-        "eval %-22s %6d examples x %d models in %.1f s",
-        dataset,
-        len(label_arr),
-        len(models),
-        time.time() - start,
-    )
-    return logits, label_arr
 
 
-def _run_key(loss: str, seed: int) -> str:
-    return f"{loss}_seed{seed}"
+@functools.partial(jax.jit, static_argnames=("convention",))
+def _metrics(in_scores, out_scores, out_mask, *, convention):
+    return metrics.ood_metrics(in_scores, out_scores, out_mask=out_mask, convention=convention)
 
 
-def _log_ood(ood: str, runs: Sequence[Mapping[str, Any]]) -> None:
-    parts = []
-    for run in runs:
-        for score in report.PAIRINGS.get(run["loss"], ())[:2]:
-            m = run["ood"][ood][score]["reference"]
-            tnr, auroc = 100 * m["tnr_at_tpr"], 100 * m["auroc"]
-            parts.append(f"{run['loss']}/{score} TNR {tnr:.1f} AUROC {auroc:.1f}")
-    logging.info("ood %-22s %s", ood, " | ".join(parts))
+def metric_table(in_scores, out_scores, conventions) -> dict[str, dict[str, float]]:
+    """`{convention: {metric: value}}` for one (detector, OOD set); OOD scores padded to a
+    power-of-two length with a mask so that every set shares one compilation."""
+    n = len(out_scores)
+    size = 1 << max(n - 1, 1).bit_length()
+    padded = np.zeros(size, np.float32)
+    padded[:n] = out_scores
+    mask = np.arange(size) < n
+    table = {}
+    for conv in conventions:
+        m = jax.device_get(_metrics(in_scores, padded, mask, convention=conv))
+        table[conv] = {k: float(m[k]) for k in registry.METRIC_NAMES}
+    return table
 
 
-def evaluate_models(
-    config: Any,
-    trained: Sequence[Mapping[str, Any]],
-    workdir: str,
-    *,
-    mesh: Any = None,
-    wall_start: float | None = None,
-) -> dict[str, Any]:
-    """Evaluates trained models, writes `results.json`, `results.md`, plots, logits, summaries.
+def evaluate_runs(
+    config: Any, trained: Sequence[records.TrainedRun], *, mesh: Any, workdir: str
+) -> Evaluation:
+    """Evaluates trained models on the test set and every OOD set with every detector."""
+    config_build = config.build_dir or os.path.join(workdir, "data")
+    config = _with_build_dir(config, config_build)
+    forward = _Forward(trained, mesh)
+    cap = config.max_eval_examples if config.max_eval_examples > 0 else None
+    names = {t.name: applicable_detectors(config, t.loss) for t in trained}
+    head_inputs = {t.name: _head_inputs(t) for t in trained}
 
-    Args:
-      config: the experiment config.
-      trained: one entry per (loss, seed): `{"loss", "seed", "run", "apply_fn", "variables",
-        "train"}` with `variables` replicated on `mesh` and `train` the training summary.
-      workdir: where the report goes.
-      mesh: the data mesh (default: every device).
-      wall_start: `time.time()` at the start of the experiment, for the reported wall time.
+    # Fit on the training split (no augmentation, no OOD data).
+    states: dict[str, dict[str, Any]] = {t.name: {} for t in trained}
+    skipped: dict[str, dict[str, str]] = {}  # run -> detector -> why it could not be fitted
+    if any(detectors.get(n).fit_inputs for ns in names.values() for n in ns):
+        images, labels = data.load_train_split(
+            config.dataset, split=config.train_split, data_dir=config.data_dir or None,
+            download=config.download,
+        )  # fmt: skip
+        n_fit = len(images) if cap is None else min(len(images), cap)
+        batches = _split_batches(
+            images[:n_fit], labels[:n_fit], config.dataset, config.eval_batch_size
+        )
+        fit_out, fit_labels, _ = forward.run(
+            batches, -(-n_fit // config.eval_batch_size), "features of the training split", None
+        )
+        for t in trained:
+            for name in list(names[t.name]):
+                try:
+                    states[t.name][name] = detectors.get(name).fit(
+                        features=fit_out[t.name]["features"], logits=fit_out[t.name]["logits"],
+                        labels=fit_labels, **head_inputs[t.name],
+                    )  # fmt: skip
+                except ValueError as err:  # e.g. a singular feature covariance: report it
+                    names[t.name].remove(name)
+                    skipped.setdefault(t.name, {})[name] = str(err)
+                    logging.warning("%s: detector %s not fitted: %s", t.name, name, err)
+        del fit_out
 
-    Returns:
-      The results document (see `experiments.report.build_results`).
-    """
-    from isomax_jax import distributed, parallel
+    perturb_cap = config.perturbation_max_examples
+    all_sets = (config.dataset, *config.ood_datasets)
+    logits: dict[str, dict[str, np.ndarray]] = {t.name: {} for t in trained}
+    scores: dict[str, dict[str, dict[str, np.ndarray]]] = {t.name: {} for t in trained}
+    accuracy, sizes = {}, {}
+    for dataset in all_sets:
+        batches = _eval_batches(config, dataset)
+        outputs, _, acc = forward.run(batches, len(batches), f"evaluate {dataset}", cap)
+        if dataset == config.dataset:
+            accuracy = acc
+        for t in trained:
+            out = outputs[t.name]
+            sizes.setdefault(t.name, {})[dataset] = len(out["logits"])
+            logits[t.name][dataset] = out["logits"]
+            scores[t.name][dataset] = _score_all(
+                t, names[t.name], states[t.name], out, head_inputs[t.name]
+            )
+            for name in names[t.name]:
+                if detectors.get(name).needs_images:
+                    scores[t.name][dataset][name] = _image_scores(
+                        config, t, name, states[t.name][name], dataset, head_inputs[t.name],
+                        perturb_cap if perturb_cap > 0 else len(out["logits"]),
+                    )  # fmt: skip
 
-    mesh = parallel.data_mesh() if mesh is None else mesh
-    # Never let a missing OOD set be built into the (possibly shared, read-only) data_dir.
-    build_dir = config.build_dir or os.path.join(workdir, "data")
-    models = {_run_key(t["loss"], t["seed"]): (t["apply_fn"], t["variables"]) for t in trained}
-    forwards = forward_fns(models, mesh)
-    runs = {
-        _run_key(t["loss"], t["seed"]): {
-            "loss": t["loss"],
-            "run": t["run"],
-            "seed": t["seed"],
-            "train": dict(t["train"]),
-            "ood": {},
+    results = []
+    for t in trained:
+        in_scores = scores[t.name][config.dataset]
+        ood = {
+            dataset: {
+                name: metric_table(
+                    in_scores[name], scores[t.name][dataset][name], config.conventions
+                )
+                for name in names[t.name]
+            }
+            for dataset in config.ood_datasets
+        }
+        results.append(
+            records.RunResult(
+                loss=t.loss, seed=t.seed, run=t.run, train=dict(t.train),
+                accuracy=float(accuracy[t.name]), num_test_examples=sizes[t.name][config.dataset],
+                num_ood_examples={d: sizes[t.name][d] for d in config.ood_datasets},
+                ood=ood, detectors=list(names[t.name]),
+            )
+        )  # fmt: skip
+    first_seed = min(t.seed for t in trained)
+    plot_scores = {
+        t.loss: {
+            dataset: {n: s for n, s in by_det.items() if n in registry.HEADS[t.loss].paper_scores}
+            for dataset, by_det in scores[t.name].items()
         }
         for t in trained
+        if t.seed == first_seed
     }
-    first_seed = min(t["seed"] for t in trained)
-    plot_scores: dict[str, dict[str, dict[str, np.ndarray]]] = {}
-    all_logits: dict[str, dict[str, np.ndarray]] = {key: {} for key in models}
-
-    in_logits, labels = collect_logits(
-        models, config.dataset, config, mesh, build_dir=build_dir, forwards=forwards
-    )
-    in_scores = {}
-    for key, run in runs.items():
-        logits = in_logits[key]
-        all_logits[key][config.dataset] = logits
-        run["accuracy"] = float(np.mean(np.argmax(logits, axis=-1) == labels))
-        run["num_test_examples"] = len(labels)
-        in_scores[key] = compute_scores(logits, APPLICABLE_SCORES[run["loss"]])
-        if run["seed"] == first_seed:
-            plot_scores.setdefault(run["loss"], {})[config.dataset] = in_scores[key]
-        logging.info("test accuracy %-14s %.2f %%", key, 100 * run["accuracy"])
-    for ood in config.ood_datasets:
-        out_logits, _ = collect_logits(
-            models, ood, config, mesh, build_dir=build_dir, forwards=forwards
-        )
-        for key, run in runs.items():
-            all_logits[key][ood] = out_logits[key]
-            out_scores = compute_scores(out_logits[key], APPLICABLE_SCORES[run["loss"]])
-            run["ood"][ood] = ood_table(in_scores[key], out_scores, config.conventions)
-            run.setdefault("num_ood_examples", {})[ood] = len(out_logits[key])
-            if run["seed"] == first_seed:
-                plot_scores[run["loss"]][ood] = out_scores
-        _log_ood(ood, list(runs.values()))
-
-    results = report.build_results(
-        config.to_dict(),
-        list(runs.values()),
-        devices=distributed.device_layout(),
-        wall_time_s=None if wall_start is None else time.time() - wall_start,
-    )
-    if jax.process_index() == 0:
-        os.makedirs(os.path.join(workdir, "logits"), exist_ok=True)
-        for key, by_set in all_logits.items():
-            np.savez_compressed(os.path.join(workdir, "logits", f"{key}.npz"), **by_set)
-        paths = report.write_report(results, plot_scores, workdir)
-        _write_summaries(results, workdir)
-        print(report.compact_table(results), flush=True)
-        for line in report.verdict_lines(results):
-            print(line, flush=True)
-        print(f"Report: {paths['markdown']} (+ results.json, plots/)", flush=True)
-    return results
+    bootstrap = {}
+    if config.bootstrap_samples > 0 and config.runs == 1 and "softmax" in config.losses:
+        bootstrap = paired_bootstrap(config, trained, scores, results)
+    info = {
+        n: {
+            "title": detectors.get(n).title,
+            "hyperparameters": _jsonable(detectors.hyperparameters(n)),
+        }
+        for n in detectors.NAMES
+        if any(n in ns for ns in names.values())
+    }
+    for t_name, reasons in skipped.items():
+        for name, why in reasons.items():
+            info.setdefault(name, {"title": detectors.get(name).title})
+            info[name].setdefault("not_fitted", {})[t_name] = why
+    return Evaluation(results, plot_scores, logits, bootstrap, info)
 
 
-def _write_summaries(results: Mapping[str, Any], workdir: str) -> None:
-    """Test accuracy and the paired scores' OOD metrics as TensorBoard scalars, one dir per run."""
-    from tensorboardX import SummaryWriter
-
-    for run in results["runs"]:
-        key = _run_key(run["loss"], run["seed"])
-        writer = SummaryWriter(os.path.join(workdir, "tensorboard", key))
-        step = int(run["train"].get("steps", 0))
-        writer.add_scalar("eval/accuracy", run["accuracy"], step)
-        for ood, by_score in run["ood"].items():
-            for score, by_conv in by_score.items():
-                for metric in ("tnr_at_tpr", "auroc"):
-                    value = by_conv["reference"][metric]
-                    writer.add_scalar(f"ood_{ood}/{score}_{metric}", value, step)
-        writer.close()
+def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: v if isinstance(v, int | float | str | bool | None) else str(v)
+        for k, v in values.items()
+    }
 
 
-def evaluate_workdir(config: Any, workdir: str) -> dict[str, Any]:
-    """Restores the final checkpoint of every (loss, seed) of `workdir` and evaluates them."""
-    from experiments import train_eval
+def _with_build_dir(config: Any, build_dir: str) -> Any:
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.build_dir = build_dir
+    return config
 
-    start = time.time()
-    mesh = None
-    trained = []
-    for run in range(config.runs):
-        seed = config.seed + run
-        for loss in config.losses:
-            entry = train_eval.restore_trained(config, workdir, loss=loss, seed=seed, run=run)
-            mesh = entry.pop("mesh")
-            trained.append(entry)
-    return evaluate_models(config, trained, workdir, mesh=mesh, wall_start=start)
+
+def best_softmax_detector(result: records.RunResult, ood: str, metric: str) -> str:
+    """SoftMax's best detector on `ood` by `metric` (reference convention): an oracle choice
+    made on the test data, so the comparison with it is conservative for IsoMax."""
+    by_det = result.ood[ood]
+    sign = 1 if registry.METRICS[metric].higher_is_better else -1
+    return max(by_det, key=lambda n: sign * by_det[n]["reference"][metric])
+
+
+def paired_bootstrap(config, trained, scores, results) -> dict[str, Any]:
+    """95 % intervals of (IsoMax-family paired score - SoftMax's best detector) per OOD set.
+
+    The two models are scored on the same test and OOD examples, so each bootstrap replicate
+    resamples the example indices once and evaluates both methods on them (a paired bootstrap).
+    """
+    by_loss = {r.loss: r for r in results}
+    soft = by_loss["softmax"]
+    t_by_loss = {t.loss: t for t in trained}
+    rng = np.random.default_rng(config.seed)
+    out: dict[str, Any] = {"samples": config.bootstrap_samples, "level": 0.95, "intervals": {}}
+    for loss in config.losses:
+        if loss == "softmax":
+            continue
+        mine = registry.HEADS[loss].paper_scores[0]
+        for ood in config.ood_datasets:
+            for metric in ("tnr_at_tpr", "auroc"):
+                base = best_softmax_detector(soft, ood, metric)
+                a_in = scores[t_by_loss[loss].name][config.dataset][mine]
+                a_out = scores[t_by_loss[loss].name][ood][mine]
+                b_in = scores[t_by_loss["softmax"].name][config.dataset][base]
+                b_out = scores[t_by_loss["softmax"].name][ood][base]
+                n_in, n_out = min(len(a_in), len(b_in)), min(len(a_out), len(b_out))
+                i_idx = rng.integers(0, n_in, size=(config.bootstrap_samples, n_in))
+                o_idx = rng.integers(0, n_out, size=(config.bootstrap_samples, n_out))
+                diff = _bootstrap_diff(a_in, a_out, b_in, b_out, i_idx, o_idx, metric=metric)
+                diff = np.asarray(diff)
+                lo, hi = np.percentile(diff, [2.5, 97.5])
+                out["intervals"].setdefault(loss, {}).setdefault(ood, {})[metric] = {
+                    "versus": base,
+                    "low": float(lo),
+                    "high": float(hi),
+                }
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("metric",))
+def _bootstrap_diff(a_in, a_out, b_in, b_out, i_idx, o_idx, *, metric):
+    def one(ii, oi):
+        a = metrics.ood_metrics(a_in[ii], a_out[oi])[metric]
+        b = metrics.ood_metrics(b_in[ii], b_out[oi])[metric]
+        return a - b
+
+    return jax.lax.map(lambda io: one(*io), (i_idx, o_idx))

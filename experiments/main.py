@@ -2,7 +2,7 @@ r"""Entry point: train and evaluate the IsoMax-family experiments, or re-evaluat
 
 Usage (from the repository root)::
 
-  # The default CPU experiment (SoftMax vs IsoMax vs IsoMax+ on CIFAR-10, ~25 min on 2 cores).
+  # The default CPU experiment (SoftMax vs IsoMax vs IsoMax+ on CIFAR-10; see its config).
   python -m experiments.main --config experiments/configs/default.py --workdir runs/default
 
   # A cell of the papers' tables, 5 seeds (GPU box / TPU VM; uses every local device).
@@ -16,13 +16,17 @@ Usage (from the repository root)::
 
   # Multi-host (TPU pod slice, Slurm/MPI, or processes launched by hand with
   # ISOMAX_COORDINATOR_ADDRESS, ISOMAX_NUM_PROCESSES, ISOMAX_PROCESS_ID): run the same command
-  # in every process; each one reads its own shard of the data, process 0 writes the report.
+  # in every process; each one reads its own part of every batch, process 0 writes the report.
 
-Any config field can be overridden, e.g. `--config.num_epochs=10 --config.runs=3`.
+Any config field can be overridden, e.g. `--config.num_epochs=10 --config.runs=3`. The whole
+config is checked before anything is trained (bad keys, names, data or devices fail in seconds).
+On a CPU-only machine the batch is split over one host device per core (`--cpu_devices`), which
+uses every core: XLA:CPU runs each convolution on one core.
 """
 
 import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -37,42 +41,89 @@ flags.DEFINE_enum(
     "`train_and_evaluate` trains (resuming from checkpoints in the workdir), then evaluates; "
     "`evaluate` loads the final checkpoints of the workdir and writes the report.",
 )
+flags.DEFINE_integer(
+    "cpu_devices",
+    0,
+    "Host (CPU) devices to split the batch over when JAX runs on CPU; 0 = one per available "
+    "core, lowered to a divisor of both batch sizes. No effect on GPU/TPU runs.",
+)
+flags.DEFINE_bool("verbose", False, "Keep TensorFlow, tfds, Orbax and JAX INFO logging.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Collectives between host devices time out after 40 s by default and then abort the process;
+# on a loaded machine a device thread can be descheduled that long, so allow 15 minutes.
+_XLA_CPU_FLAGS = (
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120",
+    "--xla_cpu_collective_call_terminate_timeout_seconds=900",
+    "--xla_cpu_collective_timeout_seconds=900",
+)
 
-class _QuietOrbax(std_logging.Filter):
-    """Drops Orbax's per-checkpoint INFO lines (a dozen per save) so progress lines stay legible."""
+
+def host_device_count(requested: int, batch_sizes: tuple[int, ...]) -> int:
+    """`requested` if > 0, else the largest count <= the available cores dividing every batch."""
+    if requested > 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(d for d in range(1, max(cores or 1, 1) + 1) if all(b % d == 0 for b in batch_sizes))
+
+
+def configure_xla(cpu_devices: int) -> None:
+    """Adds the host-device count and collective timeouts to XLA_FLAGS (before JAX starts)."""
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    extra = [f for f in _XLA_CPU_FLAGS if f.split("=")[0] not in flags_now]
+    if "xla_force_host_platform_device_count" not in flags_now:
+        extra.insert(0, f"--xla_force_host_platform_device_count={cpu_devices}")
+    os.environ["XLA_FLAGS"] = " ".join([flags_now, *extra]).strip()
+
+
+class _Quiet(std_logging.Filter):
+    """Drops INFO records of third-party libraries (tfds, Orbax, JAX backend probing)."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+        return record.levelno >= std_logging.WARNING or "/experiments/" in record.pathname
+
+
+def configure_logging(verbose: bool) -> None:
+    if verbose:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()  # the one-off OOD builds; our own bars stay
+    logging.get_absl_handler().addFilter(_Quiet())
+    for name in ("tensorflow", "jax._src.xla_bridge", "absl"):
+        std_logging.getLogger(name).addFilter(_Quiet())
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.get_absl_handler().addFilter(_QuietOrbax())
+    config = FLAGS.config
+    configure_xla(host_device_count(FLAGS.cpu_devices, (config.batch_size, config.eval_batch_size)))
+    configure_logging(FLAGS.verbose)
+    # JAX (and everything that imports it) is imported only now: XLA reads its flags once.
     import jax
 
-    from isomax_jax import distributed
+    from experiments import train_eval, validate
+    from isomax_jax import checkpointing, distributed
 
     # Multi-process runs (ISOMAX_COORDINATOR_ADDRESS/..., Slurm, Open MPI, multi-host Cloud TPU)
     # are initialised before any other JAX call; a single process is left as it is.
     distributed.initialize()
     logging.info(
-        "JAX process %d/%d, local devices %s",
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_devices(),
+        "JAX process %d/%d, devices %s", jax.process_index(), jax.process_count(), jax.devices()
     )
-
-    from experiments import evaluate, train_eval
-
-    if FLAGS.mode == "train_and_evaluate":
-        train_eval.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    else:
-        evaluate.evaluate_workdir(FLAGS.config, FLAGS.workdir)
+    try:
+        train_eval.run(config, FLAGS.workdir, mode=FLAGS.mode)
+    except (
+        validate.ConfigError,
+        train_eval.TrainingDivergedError,
+        checkpointing.WorkdirLockedError,
+        checkpointing.CheckpointCorruptedError,
+    ) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,60 +1,41 @@
-"""The experiment report: `results.json`, `results.md` and PNG plots, from a results dict.
+"""The experiment report: `results.json`, `results.md`, PNG plots and TensorBoard summaries.
 
-`build_results` turns the per-run numbers into the JSON document (config, versions, every
-metric of every run, mean ± std over runs, the IsoMax-vs-SoftMax verdicts); `write_report`
-writes it with the markdown report and the plots. Nothing here trains or evaluates.
+`build_results` turns the per-run numbers into the JSON document (config, code version, library
+versions, timings, every metric of every run and detector, mean ± std over runs, the verdicts);
+`write_report` writes it with the markdown report and the plots. Nothing here trains or
+evaluates. Titles come from `isomax_jax.registry` (heads, metrics) and the detector registry.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
-import platform
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from experiments import report_plots
-from isomax_jax import tables
+from experiments import report_plots, verdicts
+from experiments.records import RunResult, run_name
+from isomax_jax import registry, tables
 
-METRICS = ("tnr_at_tpr", "auroc", "aupr_in", "aupr_out", "detection_accuracy")
-METRIC_TITLES = {
-    "tnr_at_tpr": "TNR@TPR95",
-    "fpr_at_tpr": "FPR@TPR95",
-    "auroc": "AUROC",
-    "aupr_in": "AUPR-in",
-    "aupr_out": "AUPR-out",
-    "detection_accuracy": "Det. acc.",
-}
-SCORE_TITLES = {"mps": "MPS", "es": "ES", "mds": "MDS", "mmles": "MMLES", "energy": "energy"}
-LOSS_TITLES = {
-    "softmax": "SoftMax",
-    "isomax": "IsoMax",
-    "isomax_plus": "IsoMax+",
-    "dismax": "DisMax",
-}
-# The papers' pairings of loss and score (plus energy, a baseline from the literature).
-PAIRINGS = {
-    "softmax": ("mps", "es", "energy"),
-    "isomax": ("es", "energy"),
-    "isomax_plus": ("mds", "energy"),
-    "dismax": ("mmles", "energy"),
-}
 CONVENTION_NOTES = {
     "reference": (
-        "the IsoMax papers' `calculate_log.py`: in-distribution is the positive class; "
-        "TNR@TPR95 is the fraction of OOD inputs rejected when 95 % of in-distribution inputs "
-        "are kept; ties remove the in-distribution sample first"
+        "the IsoMax papers' convention: in-distribution is the positive class; TNR@TPR95 is the "
+        "fraction of OOD inputs rejected when 95 % of in-distribution inputs are kept; ties "
+        "remove the in-distribution sample first (docs/metrics.md)"
     ),
     "openood": (
-        "OpenOOD v1.5: OOD is the positive class (score negated, scikit-learn curves); "
-        "FPR@95 is the fraction of in-distribution inputs flagged when 95 % of OOD inputs are "
-        "caught (a different operating point); TNR@TPR95 here is 1 - that FPR"
+        "OpenOOD v1.5: OOD is the positive class (score negated, scikit-learn curves); FPR@95 is "
+        "the fraction of in-distribution inputs flagged when 95 % of OOD inputs are caught (a "
+        "different operating point); TNR@TPR95 here is 1 - that FPR (docs/metrics.md)"
     ),
 }
+
+
+def loss_title(loss: str) -> str:
+    return registry.HEADS[loss].title if loss in registry.HEADS else loss
 
 
 def _stats(values: Sequence[float]) -> dict[str, Any]:
@@ -64,138 +45,149 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
 
 
 def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Mean ± std over runs of accuracy and of every (loss, OOD set, score, convention, metric)."""
+    """Mean ± std over runs of accuracy and of every (loss, OOD set, detector, convention,
+    metric)."""
     losses = list(dict.fromkeys(run["loss"] for run in runs))
     summary: dict[str, Any] = {"accuracy": {}, "ood": {}}
     for loss in losses:
         mine = [run for run in runs if run["loss"] == loss]
         summary["accuracy"][loss] = _stats([run["accuracy"] for run in mine])
         table: dict[str, Any] = {}
-        for ood, by_score in mine[0]["ood"].items():
-            for score, by_conv in by_score.items():
-                for conv, metrics in by_conv.items():
-                    for metric in metrics:
-                        values = [run["ood"][ood][score][conv][metric] for run in mine]
-                        leaf = table.setdefault(ood, {}).setdefault(score, {})
-                        leaf.setdefault(conv, {})[metric] = _stats(values)
+        for ood, by_det in mine[0]["ood"].items():
+            for det, by_conv in by_det.items():
+                for conv, values in by_conv.items():
+                    for metric in values:
+                        leaf = table.setdefault(ood, {}).setdefault(det, {}).setdefault(conv, {})
+                        leaf[metric] = _stats([r["ood"][ood][det][conv][metric] for r in mine])
         summary["ood"][loss] = table
     return summary
 
 
-def _mean(summary: Mapping[str, Any], loss: str, ood: str, score: str, metric: str) -> float:
-    return summary["ood"][loss][ood][score]["reference"][metric]["mean"]
-
-
-def verdicts(summary: Mapping[str, Any], challenger: str = "isomax") -> dict[str, Any]:
-    """Per OOD set: does `challenger` (with its paired score) beat SoftMax (MPS and ES)?
-
-    The rule, stated in the report: on the reference convention's TNR@TPR95 and AUROC (means
-    over runs), "yes" when the challenger's paired score is higher than the better of SoftMax's
-    MPS and ES on both metrics, "no" when it is not higher on either, "mixed" otherwise.
-    """
-    ood_table = summary["ood"]
-    if "softmax" not in ood_table or challenger not in ood_table:
-        return {}
-    score = PAIRINGS[challenger][0]
-    out = {}
-    for ood in ood_table[challenger]:
-        wins, detail = [], {}
-        for metric in ("tnr_at_tpr", "auroc"):
-            mine = _mean(summary, challenger, ood, score, metric)
-            base = {s: _mean(summary, "softmax", ood, s, metric) for s in ("mps", "es")}
-            wins.append(mine > max(base.values()))
-            detail[metric] = {
-                f"{challenger}_{score}": mine,
-                **{f"softmax_{s}": v for s, v in base.items()},
-            }
-        verdict = "yes" if all(wins) else ("no" if not any(wins) else "mixed")
-        out[ood] = {"verdict": verdict, **detail}
-    return out
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    versions = {"python": platform.python_version()}
-    for name in ("isomax_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
 def build_results(
     config: Mapping[str, Any],
-    runs: Sequence[Mapping[str, Any]],
+    runs: Sequence[RunResult | Mapping[str, Any]],
     *,
     devices: Mapping[str, Any] | None = None,
-    wall_time_s: float | None = None,
+    code: Mapping[str, Any] | None = None,
+    versions: Mapping[str, Any] | None = None,
+    timings: Mapping[str, float] | None = None,
+    bootstrap: Mapping[str, Any] | None = None,
+    detectors: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The `results.json` document: config, versions, every run's numbers, summary, verdicts."""
+    """The `results.json` document."""
+    runs = [r.to_json() if isinstance(r, RunResult) else dict(r) for r in runs]
     summary = summarize(runs)
-    return {
-        "schema_version": 1,
+    results = {
+        "schema_version": 2,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "code_version": dict(code or {}),
+        "versions": dict(versions or {}),
         "config": dict(config),
-        "versions": _versions(),
         "devices": dict(devices or {}),
-        "wall_time_s": wall_time_s,
+        "timings": dict(timings or {}),
+        "wall_time_s": None,
         "model": config["model"],
         "in_distribution": config["dataset"],
         "ood_datasets": list(config["ood_datasets"]),
         "conventions": {c: CONVENTION_NOTES[c] for c in config["conventions"]},
         "metric_units": "fractions in [0, 1]; the markdown report shows x100",
-        "runs": [dict(run) for run in runs],
+        "detectors": dict(detectors or {}),
+        "runs": runs,
         "summary": summary,
-        "verdicts": {
-            c: v for c in ("isomax", "isomax_plus") if (v := verdicts(summary, challenger=c))
-        },
+        "bootstrap": dict(bootstrap or {}),
     }
+    results["verdicts"] = verdicts.all_verdicts(results)
+    return results
 
 
 def _pct(stats: Mapping[str, Any]) -> str:
     return tables.format_cell(stats["values"])
 
 
-def _method(loss: str, score: str) -> str:
-    return f"{LOSS_TITLES.get(loss, loss)} + {SCORE_TITLES.get(score, score)}"
+def det_title(results: Mapping[str, Any], name: str) -> str:
+    return (results["detectors"].get(name) or {}).get("title", name)
 
 
-def paper_layout_table(results: Mapping[str, Any], convention: str = "reference") -> str:
-    """The papers' layout via `isomax_jax.tables`: rows = OOD sets, columns = metric x method
-    (the papers' loss/score pairings), mean ± std over runs."""
-    metrics = (
-        ("tnr_at_tpr", "auroc", "detection_accuracy")
-        if convention == "reference"
-        else ("fpr_at_tpr", "auroc", "aupr_in", "aupr_out")
-    )
-    table: dict[str, dict[str, list]] = {}
+def method(results: Mapping[str, Any], loss: str, det: str) -> str:
+    return f"{loss_title(loss)} + {det_title(results, det)}"
+
+
+def _cell(results, loss, ood, det, conv="reference") -> str:
+    stats = results["summary"]["ood"][loss][ood][det][conv]
+    first = "tnr_at_tpr" if conv == "reference" else "fpr_at_tpr"
+    return f"{_pct(stats[first])} / {_pct(stats['auroc'])}"
+
+
+def headline_methods(results: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(loss, detector) columns of the headline table: the papers' pairings plus energy."""
+    cols = []
+    for loss in results["summary"]["ood"]:
+        for det in (*registry.HEADS[loss].paper_scores, "energy"):
+            if det in results["summary"]["ood"][loss][results["ood_datasets"][0]]:
+                cols.append((loss, det))
+    return cols
+
+
+def compact_table(results: Mapping[str, Any], convention: str = "reference") -> str:
+    """One row per OOD set: the papers' pairings, energy and SoftMax's best detector."""
+    cols = headline_methods(results)
+    summary = results["summary"]
+    best = "softmax" in summary["ood"]
+    first = "TNR@TPR95" if convention == "reference" else "FPR@95"
+    header = [f"OOD set ({first} / AUROC, %)", *(method(results, lo, d) for lo, d in cols)]
+    if best:
+        header.append("SoftMax's best detector (by AUROC)")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for ood in results["ood_datasets"]:
-        for run in results["runs"]:
-            for score in PAIRINGS.get(run["loss"], ()):
-                if score == "energy":
-                    continue
-                method = _method(run["loss"], score).replace(" + ", "/")
-                by_method = table.setdefault(ood, {})
-                by_method.setdefault(method, []).append(run["ood"][ood][score][convention])
-    return tables.format_results_table(table, metrics=metrics, convention=convention)
+        cells = [ood] + [_cell(results, lo, ood, d, convention) for lo, d in cols]
+        if best:
+            d = verdicts.best_detector(summary, "softmax", ood, "auroc")
+            cells.append(
+                f"{det_title(results, d)}: {_cell(results, 'softmax', ood, d, convention)}"
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    acc = [_pct(summary["accuracy"][lo]) for lo, _ in cols]
+    lines.append("| " + " | ".join(["test accuracy", *acc] + ([""] if best else [])) + " |")
+    return "\n".join(lines)
+
+
+def detector_table(results: Mapping[str, Any], ood: str, convention: str) -> str:
+    """Rows = detectors, columns = losses; the best detector of each loss in bold."""
+    summary = results["summary"]["ood"]
+    losses = list(summary)
+    names = [n for n in results["detectors"] if any(n in summary[lo][ood] for lo in losses)]
+    first = "tnr_at_tpr" if convention == "reference" else "fpr_at_tpr"
+    best = {
+        lo: verdicts.best_detector(results["summary"], lo, ood, "auroc", convention)
+        for lo in losses
+    }
+    label = registry.METRICS[first].label()
+    header = ["detector", *(f"{loss_title(lo)} {label} / AUROC" for lo in losses)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        cells = [det_title(results, name)]
+        for lo in losses:
+            if name not in summary[lo][ood]:
+                cells.append("–")
+                continue
+            text = _cell(results, lo, ood, name, convention)
+            cells.append(f"**{text}**" if best[lo] == name else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def published_table(results: Mapping[str, Any]) -> str:
-    """Measured vs published TNR@TPR95 / AUROC (reference convention) where REFERENCE §5 has
-    a number for the configured cell; empty string otherwise."""
+    """Measured vs published TNR@TPR95 / AUROC (reference convention), where a paper has it."""
     published = results["config"].get("published") or {}
     lines = []
     for loss, cell in published.items():
         for ood, pub in (cell.get("ood") or {}).items():
             if loss not in results["summary"]["ood"] or ood not in results["ood_datasets"]:
                 continue
-            stats = results["summary"]["ood"][loss][ood][pub["score"]]["reference"]
+            measured = _cell(results, loss, ood, pub["score"])
             lines.append(
-                f"| {ood} | {_method(loss, pub['score'])} | {_pct(stats['tnr_at_tpr'])} / "
-                f"{_pct(stats['auroc'])} | {pub['tnr_at_tpr']:.1f} / {pub['auroc']:.1f} | "
-                f"{pub['source']} |"
+                f"| {ood} | {method(results, loss, pub['score'])} | {measured} | "
+                f"{pub['tnr_at_tpr']:.1f} / {pub['auroc']:.1f} | {pub['source']} |"
             )
     if not lines:
         return ""
@@ -203,188 +195,90 @@ def published_table(results: Mapping[str, Any]) -> str:
     return "\n".join([header, "|---|---|---|---|---|", *lines])
 
 
-def compact_table(results: Mapping[str, Any]) -> str:
-    """One row per OOD set, one column per (loss, paired score): "TNR@TPR95 / AUROC" (%)."""
-    summary = results["summary"]
-    methods = [(loss, s) for loss in summary["ood"] for s in PAIRINGS.get(loss, ())]
-    header = ["OOD set (TNR@TPR95 / AUROC)", *(_method(loss, s) for loss, s in methods)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for ood in results["ood_datasets"]:
-        cells = [ood]
-        for loss, score in methods:
-            stats = summary["ood"][loss][ood][score]["reference"]
-            cells.append(f"{_pct(stats['tnr_at_tpr'])} / {_pct(stats['auroc'])}")
-        lines.append("| " + " | ".join(cells) + " |")
-    acc = [f"{_pct(summary['accuracy'][loss])}" for loss, _ in methods]
-    lines.append("| " + " | ".join(["test accuracy", *acc]) + " |")
-    return "\n".join(lines)
-
-
-def _all_scores_table(results: Mapping[str, Any], loss: str) -> str:
-    convs = list(results["conventions"])
-    header = ["OOD set", "score"]
-    for conv in convs:
-        header += [f"{conv} {METRIC_TITLES[m]}" for m in ("tnr_at_tpr", "fpr_at_tpr", "auroc")]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for ood, by_score in results["summary"]["ood"][loss].items():
-        for score, by_conv in by_score.items():
-            cells = [ood, SCORE_TITLES.get(score, score)]
-            for conv in convs:
-                cells += [_pct(by_conv[conv][m]) for m in ("tnr_at_tpr", "fpr_at_tpr", "auroc")]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def verdict_lines(results: Mapping[str, Any]) -> list[str]:
-    """Per challenger and OOD set: "yes"/"no"/"mixed" with the numbers behind it."""
-    lines = []
-    for challenger, by_ood in results["verdicts"].items():
-        score = PAIRINGS[challenger][0]
-        name = _method(challenger, score)
-        wins = sum(v["verdict"] == "yes" for v in by_ood.values())
-        lines.append(
-            f"**{name} vs SoftMax (better of MPS and ES): beats it on {wins} of "
-            f"{len(by_ood)} OOD sets.**"
-        )
-        lines.append("")
-        for ood, v in by_ood.items():
-            t, a = v["tnr_at_tpr"], v["auroc"]
-            mine = f"{challenger}_{score}"
-            lines.append(
-                f"- {ood}: **{v['verdict']}** — TNR@TPR95 {100 * t[mine]:.2f} vs "
-                f"{100 * t['softmax_mps']:.2f} (MPS) / {100 * t['softmax_es']:.2f} (ES); "
-                f"AUROC {100 * a[mine]:.2f} vs {100 * a['softmax_mps']:.2f} / "
-                f"{100 * a['softmax_es']:.2f}"
-            )
-        lines.append("")
-    return lines
-
-
 def _mean_of(dicts: Sequence[Mapping[str, Any]], key: str, scale: float, fmt: str) -> str:
     values = [d[key] for d in dicts if d.get(key) is not None]
     return format(scale * float(np.mean(values)), fmt) if values else ""
 
 
-def markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
-    """The human-readable report (`results.md`)."""
-    config = results["config"]
-    runs = results["runs"]
-    seeds = sorted({run["seed"] for run in runs})
-    epochs = runs[0]["train"].get("epochs", float("nan")) if runs else float("nan")
-    acc = results["summary"]["accuracy"]
+def _training_table(results: Mapping[str, Any]) -> list[str]:
     lines = [
-        f"# OOD detection: {config['model']} on {config['dataset']}",
-        "",
-        f"Losses: {', '.join(LOSS_TITLES.get(x, x) for x in config['losses'])}; "
-        f"{len(seeds)} run(s), seeds {seeds}; {epochs:.3g} epochs "
-        f"({runs[0]['train'].get('steps', '?') if runs else '?'} steps of batch "
-        f"{config['batch_size']}) per model. Created {results['created_utc']}"
-        + (
-            f"; wall time {results['wall_time_s'] / 60:.1f} min."
-            if results.get("wall_time_s")
-            else "."
-        ),
-        "",
-        "Numbers are percentages, mean ± std (population std, ddof=0) over runs when there "
-        "are several.",
-        "",
-    ]
-    if not math.isnan(epochs) and epochs < 100:
-        lines += [
-            f"**Expect smaller effects than the papers.** These models trained for {epochs:.3g} "
-            "epochs; the papers train a DenseNet-BC-100 for 300 epochs. The evaluation is not "
-            "tuned: every score and metric is computed the same way for every loss.",
-            "",
-        ]
-    lines += [
-        "## Accuracy and training",
-        "",
-        "| loss | test accuracy (%) | published | train wall time (min) | s/step | "
-        "final train loss |",
+        "| loss | test accuracy (%) | published | train wall time (min) | s/step "
+        "| final train loss |",
         "|---|---|---|---|---|---|",
     ]
-    published = config.get("published", {}) or {}
-    for loss, stats in acc.items():
+    published = results["config"].get("published") or {}
+    for loss, stats in results["summary"]["accuracy"].items():
         pub = (published.get(loss) or {}).get("accuracy")
-        pub_text = f"~{pub:.0f}" if pub else ""
-        trains = [run["train"] for run in runs if run["loss"] == loss]
+        trains = [run["train"] for run in results["runs"] if run["loss"] == loss]
         wall = _mean_of(trains, "wall_time_s", 1 / 60, ".1f")
         sps = _mean_of(trains, "seconds_per_step", 1, ".3f")
         final = _mean_of(trains, "final_train_loss", 1, ".3f")
+        pub_text = f"~{pub:.0f}" if pub else ""
         lines.append(
-            f"| {LOSS_TITLES.get(loss, loss)} | {_pct(stats)} | {pub_text} | {wall} | {sps} | "
-            f"{final} |"
+            f"| {loss_title(loss)} | {_pct(stats)} | {pub_text} | {wall} | {sps} | {final} |"
         )
-    lines += [
+    return lines
+
+
+def markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
+    """The human-readable report (`results.md`)."""
+    config, runs = results["config"], results["runs"]
+    seeds = sorted({run["seed"] for run in runs})
+    train = runs[0]["train"] if runs else {}
+    code = results.get("code_version") or {}
+    wall = results.get("wall_time_s")
+    lines = [
+        f"# OOD detection: {config['model']} on {config['dataset']}",
         "",
-        "## The papers' pairings (reference convention)",
+        f"Losses: {', '.join(loss_title(x) for x in config['losses'])}; {len(seeds)} run(s), "
+        f"seeds {seeds}; {train.get('epochs', float('nan')):.3g} epochs "
+        f"({train.get('steps', '?')} steps of batch {config['batch_size']}, schedule "
+        f"{config.get('schedule', 'multistep')}) per model. Created {results['created_utc']}"
+        + (f"; wall time {wall / 60:.1f} min" if wall else "")
+        + f"; code {code.get('commit', 'unknown')}"
+        + (" (uncommitted changes)" if code.get("dirty") else "")
+        + ".",
         "",
-        "TNR@TPR95 / AUROC in %, higher is better:",
+        "Numbers are percentages; mean ± std (population std, ddof=0) over runs when there are "
+        "several. Every detector uses its paper's default hyperparameters and is fitted on the "
+        "training split only; nothing is tuned on OOD data.",
+        "",
+        "## Accuracy and training",
+        "",
+        *_training_table(results),
+        "",
+        "## Headline (reference convention)",
         "",
         compact_table(results),
         "",
-        "In the papers' layout:",
-        "",
-        paper_layout_table(results, "reference"),
     ]
+    if results["verdicts"]:
+        lines += ["## Does IsoMax beat SoftMax?", "", *verdicts.markdown_lines(results), ""]
     pub = published_table(results)
     if pub:
-        lines += ["### Published numbers (REFERENCE.md §5)", "", pub, ""]
-    if results["verdicts"]:
-        lines += ["## Does IsoMax beat SoftMax?", ""]
-        lines += [
-            "Rule: on the reference convention's TNR@TPR95 and AUROC (means over runs), "
-            "**yes** when the IsoMax-family loss with its paired score is higher than the "
-            "better of SoftMax + MPS and SoftMax + ES on both, **no** when higher on neither, "
-            "**mixed** otherwise.",
-            "",
-            *verdict_lines(results),
-        ]
-    lines += ["## Every applicable score, both metric conventions", ""]
+        lines += ["### Published numbers", "", pub, ""]
+    lines += ["## Every detector, per OOD set", ""]
     for conv, note in results["conventions"].items():
         lines.append(f"- `{conv}`: {note}.")
     lines.append("")
-    if "openood" in results["conventions"]:
-        lines += [
-            "The papers' pairings under the OpenOOD convention (FPR@95: lower is better):",
-            "",
-            paper_layout_table(results, "openood"),
-        ]
-    for loss in results["summary"]["ood"]:
-        lines += [f"### {LOSS_TITLES.get(loss, loss)}", "", _all_scores_table(results, loss), ""]
+    for name, info in results["detectors"].items():
+        for run, why in (info.get("not_fitted") or {}).items():
+            lines.append(f"- {info.get('title', name)} not fitted for {run}: {why}")
+    if any(info.get("not_fitted") for info in results["detectors"].values()):
+        lines.append("")
+    for ood in results["ood_datasets"]:
+        lines += [f"### {ood}", ""]
+        for conv in results["conventions"]:
+            lines += [f"{conv} convention (best detector of each loss in bold, by AUROC):", ""]
+            lines += [detector_table(results, ood, conv), ""]
     if plots:
-        lines += ["## Plots", ""]
-        lines += [f"![{os.path.basename(p)}]({p})" for p in plots]
+        lines += ["## Plots", "", *(f"![{os.path.basename(p)}]({p})" for p in plots), ""]
+    timings = results.get("timings") or {}
+    if timings:
+        lines += ["## Wall time per phase", ""]
+        lines += [f"- {k.removesuffix('_s')}: {v:.1f} s" for k, v in timings.items()]
         lines.append("")
     return "\n".join(lines)
-
-
-def write_report(
-    results: Mapping[str, Any],
-    scores: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
-    workdir: str,
-) -> dict[str, str]:
-    """Writes `results.json`, `results.md` and `plots/*.png` into `workdir`.
-
-    Args:
-      results: the document from `build_results`.
-      scores: `{loss: {dataset: {score: [N] array}}}` of one run (the first seed), with the
-        in-distribution test set under `results["in_distribution"]`; used for the plots.
-      workdir: the output directory.
-
-    Returns:
-      `{"json": path, "markdown": path, "plots": [paths...]}`.
-    """
-    os.makedirs(workdir, exist_ok=True)
-    plot_dir = os.path.join(workdir, "plots")
-    plots = report_plots.plot_all(results, scores, plot_dir, pairings=PAIRINGS)
-    json_path = os.path.join(workdir, "results.json")
-    with open(json_path, "w") as f:
-        json.dump(results, f, indent=1, default=_jsonable)
-    md_path = os.path.join(workdir, "results.md")
-    with open(md_path, "w") as f:
-        f.write(markdown(results, [os.path.relpath(p, workdir) for p in plots]))
-    return {"json": json_path, "markdown": md_path, "plots": plots}
 
 
 def _jsonable(value: Any) -> Any:
@@ -393,3 +287,66 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "to_dict"):
         return value.to_dict()
     return str(value)
+
+
+def write_json(results: Mapping[str, Any], path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1, default=_jsonable)
+    os.replace(tmp, path)
+
+
+def write_report(
+    results: Mapping[str, Any],
+    scores: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
+    workdir: str,
+) -> dict[str, Any]:
+    """Writes `results.json`, `results.md` and `plots/*.png` into `workdir`.
+
+    Args:
+      results: the document from `build_results`.
+      scores: `{loss: {dataset: {detector: [N] array}}}` of one run (the first seed), with the
+        in-distribution test set under `results["in_distribution"]`; used for the plots.
+      workdir: the output directory.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    pairings = {loss: registry.HEADS[loss].paper_scores for loss in results["summary"]["ood"]}
+    titles = {n: det_title(results, n) for n in results["detectors"]}
+    plots = report_plots.plot_all(
+        results, scores, os.path.join(workdir, "plots"), pairings=pairings, titles=titles
+    )
+    json_path = os.path.join(workdir, "results.json")
+    write_json(results, json_path)
+    md_path = os.path.join(workdir, "results.md")
+    with open(md_path, "w") as f:
+        f.write(markdown(results, [os.path.relpath(p, workdir) for p in plots]))
+    return {"json": json_path, "markdown": md_path, "plots": plots}
+
+
+def write_summaries(results: Mapping[str, Any], workdir: str) -> None:
+    """Test accuracy and the paired scores' OOD metrics as TensorBoard scalars, one dir per run."""
+    from tensorboardX import SummaryWriter
+
+    for run in results["runs"]:
+        writer = SummaryWriter(
+            os.path.join(workdir, "tensorboard", run_name(run["loss"], run["seed"]))
+        )
+        step = int(run["train"].get("steps", 0))
+        writer.add_scalar("eval/accuracy", run["accuracy"], step)
+        for ood, by_det in run["ood"].items():
+            for det in registry.HEADS[run["loss"]].paper_scores:
+                for metric in ("tnr_at_tpr", "auroc"):
+                    value = by_det[det]["reference"][metric]
+                    writer.add_scalar(f"ood_{ood}/{det}_{metric}", value, step)
+        writer.close()
+
+
+def console_summary(results: Mapping[str, Any], paths: Mapping[str, Any]) -> str:
+    """The end-of-run console text: the compact table, the verdicts, where the report is."""
+    lines = ["", compact_table(results), ""]
+    lines += verdicts.summary_lines(results)
+    wall = results.get("wall_time_s")
+    if wall:
+        lines.append(f"Wall time {wall / 60:.1f} min.")
+    lines.append(f"Report: {paths['markdown']} (+ results.json, plots/)")
+    return "\n".join(lines)

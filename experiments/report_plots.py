@@ -12,12 +12,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-_LOSS = {"softmax": "SoftMax", "isomax": "IsoMax", "isomax_plus": "IsoMax+", "dismax": "DisMax"}
-_SCORE = {"mps": "MPS", "es": "ES", "mds": "MDS", "mmles": "MMLES", "energy": "energy"}
+from isomax_jax import registry  # noqa: E402
+
+_TITLES: dict[str, str] = {}  # detector name -> title, set by plot_all
 
 
 def _label(loss: str, score: str) -> str:
-    return f"{_LOSS.get(loss, loss)} + {_SCORE.get(score, score)}"
+    head = registry.HEADS[loss].title if loss in registry.HEADS else loss
+    return f"{head} + {_TITLES.get(score, score)}"
 
 
 def roc_points(in_scores: np.ndarray, out_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -39,12 +41,7 @@ def roc_points(in_scores: np.ndarray, out_scores: np.ndarray) -> tuple[np.ndarra
 
 
 def _methods(results: Mapping[str, Any], pairings: Mapping[str, Sequence[str]]):
-    return [
-        (loss, score)
-        for loss in results["summary"]["ood"]
-        for score in pairings.get(loss, ())
-        if score != "energy"
-    ]
+    return [(loss, score) for loss in results["summary"]["ood"] for score in pairings.get(loss, ())]
 
 
 def plot_summary(results, path: str, pairings) -> str:
@@ -116,8 +113,7 @@ def plot_roc(results, scores, ood: str, path: str, pairings) -> str:
     for i, loss in enumerate(scores):
         for j, score in enumerate(pairings.get(loss, ())):
             fpr, tpr = roc_points(scores[loss][in_name][score], scores[loss][ood][score])
-            # One colour per loss; the paired scores solid/dash-dot, energy dashed.
-            style = "--" if score == "energy" else ("-", "-.")[j % 2]
+            style = ("-", "-.")[j % 2]  # one colour per loss; its paired scores solid/dash-dot
             ax.plot(fpr, tpr, label=_label(loss, score), lw=1.5, color=f"C{i}", ls=style)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
     ax.axhline(0.95, color="grey", lw=0.6, ls="--")
@@ -132,8 +128,14 @@ def plot_roc(results, scores, ood: str, path: str, pairings) -> str:
     return path
 
 
-def plot_all(results, scores, plot_dir: str, *, pairings) -> list[str]:
-    """Writes every plot into `plot_dir`; returns their paths (summary first)."""
+def plot_all(results, scores, plot_dir: str, *, pairings, titles=None) -> list[str]:
+    """Writes every plot into `plot_dir`; returns their paths (summary first).
+
+    `pairings` maps each loss to the detectors plotted for it; `titles` maps detector names to
+    display titles.
+    """
+    _TITLES.clear()
+    _TITLES.update(titles or {})
     os.makedirs(plot_dir, exist_ok=True)
     paths = [plot_summary(results, os.path.join(plot_dir, "summary.png"), pairings)]
     for ood in results["ood_datasets"]:

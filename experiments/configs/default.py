@@ -6,17 +6,27 @@ directories)::
   python -m experiments.main --config experiments/configs/default.py --workdir runs/default \
       --config.data_dir=../shared/data/tfds --config.manual_dir=../shared/data/raw
 
-Three models with the same backbone (`small_resnet`), seed, data order and schedule are trained,
-one per loss, then evaluated on the CIFAR-10 test set against TinyImageNet (resize and crop),
-MNIST, Omniglot, textures, Gaussian noise and uniform noise. The recipe has the reference's
-shape (SGD, Nesterov, momentum 0.9, weight decay 1e-4 on all parameters, lr 0.1 divided by 10 at
-1/2, 2/3 and 5/6 of training, i.e. 150/200/250 of 300 epochs) shrunk to a few epochs so that the
-whole experiment fits in about 25 minutes on a 2-core CPU.
+Three models with the same backbone (`small_resnet`, a ResNet-8), seed, data order and schedule
+are trained, one per loss, then evaluated on the CIFAR-10 test set against TinyImageNet (resize
+and crop), MNIST, Omniglot, textures, Gaussian noise and uniform noise, with every post-hoc
+detector of `isomax_jax.detectors` that applies to each head (fitted on the training split with
+the papers' defaults). On a 2-core CPU the whole job takes about 18 minutes (see the README for
+the measured run) and every model reaches about 78-80 % test accuracy.
 
-What to expect: the papers' 300-epoch DenseNet-BC-100 gets CIFAR-10 SVHN TNR@TPR95 33.2 -> 77.0
-(SoftMax+ES -> IsoMax+ES) and TinyImageNet 59.8 -> 88.0. A small model trained for a few epochs
-reaches ~75-85 % accuracy and shows the same direction with smaller effects; the report states
-per OOD set whether IsoMax beats SoftMax. `--config.runs=N` repeats with N seeds (mean ± std).
+Deviations from the papers' recipe (docs/recipe.md), the same for every loss:
+
+* 6 epochs instead of 300, so the papers' step schedule (lr x0.1 at 50/67/83 % of training) is
+  replaced by the usual short-run schedule: linear warm-up to lr 0.2 over the first 15 % of the
+  steps, then linear decay to 0. In 6 epochs the step schedule spends most of the budget at
+  lr 0.1 and ends far from convergence (69-70 % test accuracy after 4 epochs here).
+* weight decay 5e-4 instead of 1e-4 (on all parameters, prototypes and distance scale included,
+  as in the papers): the standard value for short CIFAR schedules; 1e-4 is tuned for 300 epochs.
+* batch 128 instead of 64 (half the optimiser steps per epoch; split over the CPU cores).
+* the model is a small ResNet made for CPUs (stride-2 stem, one block per stage, 32/64/128
+  channels), not DenseNet-BC-100: the papers' models take hours per epoch on 2 CPU cores.
+
+`--config.runs=3` repeats with seeds 0, 1, 2 and reports mean ± std and whether each gain exceeds
+the seed spread; with one run the report uses a paired bootstrap over test examples instead.
 """
 
 import ml_collections
@@ -32,17 +42,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.losses = ("softmax", "isomax", "isomax_plus")
     config.entropic_scale = 10.0
     config.dismax_fpr = False
-    # The reference recipe's shape, shortened. `num_train_steps > 0` overrides `num_epochs`.
-    # 4 x 391 steps per model: ~16 min of training at ~0.2 s/step on 2 free cores, + ~3 min.
-    config.num_epochs = 4.0
+    config.dtype = "float32"  # or "bfloat16" (mixed precision; GPUs and TPUs)
+    # Schedule. `num_train_steps > 0` overrides `num_epochs`.
+    config.num_epochs = 6.0
     config.num_train_steps = -1
     config.batch_size = 128
-    config.learning_rate = 0.1
-    config.lr_boundaries = (0.5, 2.0 / 3.0, 5.0 / 6.0)  # fractions of training
-    config.lr_decay_factor = 0.1
+    config.schedule = "warmup_linear"  # "warmup_linear", "warmup_cosine" or "multistep"
+    config.learning_rate = 0.2  # the peak rate (warm-up schedules) or the initial rate
+    config.warmup_epochs = 0.9
+    config.lr_boundaries = (0.5, 2.0 / 3.0, 5.0 / 6.0)  # "multistep" only: fractions of training
+    config.lr_decay_factor = 0.1  # "multistep" only
     config.momentum = 0.9
     config.nesterov = True
-    config.weight_decay = 1e-4
+    config.weight_decay = 5e-4
     config.seed = 0
     config.runs = 1
     # Evaluation.
@@ -56,6 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
         "uniform_noise",
     )
     config.conventions = ("reference", "openood")
+    config.detectors = ()  # () = every detector of isomax_jax.detectors that applies to the head
+    config.perturbation_max_examples = 1000  # ODIN (input gradients) on the first N of each set
+    config.bootstrap_samples = 200  # paired bootstrap of the verdicts when runs == 1
     config.eval_batch_size = 512  # global; must divide by the number of devices
     config.max_eval_examples = -1  # > 0 caps every evaluation set (tests, smoke runs)
     # Data locations: "" means TFDS_DATA_DIR, else tfds's default.

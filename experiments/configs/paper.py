@@ -9,7 +9,7 @@ Command (from the repository root, on a GPU box or TPU VM; every local device is
 `get_config("MODEL,DATASET,LOSS")` with MODEL in {densenet_bc100, resnet34, resnet110, wrn28_10},
 DATASET in {cifar10, cifar100, svhn}, LOSS in {softmax, isomax, isomax_plus, dismax}; LOSS may
 also be several losses joined by `+` (e.g. `softmax+isomax`), trained one after the other with
-the same seeds and compared in one report. The recipe is the reference's (REFERENCE.md §4):
+the same seeds and compared in one report. The recipe is the papers' (docs/recipe.md):
 300 epochs, batch 64, SGD lr 0.1 with Nesterov momentum 0.9, lr x0.1 at epochs 150/200/250,
 weight decay 1e-4 on all parameters, random crop + flip. OOD sets: SVHN, TinyImageNet (resize)
 and LSUN (resize) for CIFAR in-distribution; CIFAR-10, TinyImageNet (resize), LSUN (resize) for
@@ -30,8 +30,8 @@ convention; the report prints them next to the measured ones):
 
 Accuracy: IsoMax matches SoftMax (DenseNet-BC-100: CIFAR-10 ~95 %, CIFAR-100 ~77 %).
 [1] IJCNN 2021 Table II (one run). [2] IsoMax+ paper, mean of 5 runs. Other cells (ResNet-34,
-ResNet-110, WRN-28-10, SVHN in-distribution, DisMax) have no number in REFERENCE.md §5; their
-configs run the same recipe and the report shows the measured numbers only.
+ResNet-110, WRN-28-10, SVHN in-distribution, DisMax) have no published number listed in
+docs/recipe.md; their configs run the same recipe and the report shows the measured numbers only.
 """
 
 import ml_collections
@@ -52,35 +52,35 @@ _PUBLISHED = {
     ("densenet_bc100", "cifar10", "softmax"): {
         "accuracy": 95.0,
         "ood": {
-            "svhn": ("es", 33.2, 86.9, "IJCNN 2021 Table II"),
-            "tiny_imagenet_resize": ("es", 59.8, 94.2, "IJCNN 2021 Table II"),
-            "lsun_resize": ("es", 69.5, 95.9, "IJCNN 2021 Table II"),
+            "svhn": ("entropic", 33.2, 86.9, "IJCNN 2021 Table II"),
+            "tiny_imagenet_resize": ("entropic", 59.8, 94.2, "IJCNN 2021 Table II"),
+            "lsun_resize": ("entropic", 69.5, 95.9, "IJCNN 2021 Table II"),
         },
     },
     ("densenet_bc100", "cifar10", "isomax"): {
         "accuracy": 95.0,
         "ood": {
-            "svhn": ("es", 77.0, 96.6, "IJCNN 2021 Table II"),
-            "tiny_imagenet_resize": ("es", 88.0, 97.8, "IJCNN 2021 Table II"),
-            "lsun_resize": ("es", 94.5, 98.8, "IJCNN 2021 Table II"),
+            "svhn": ("entropic", 77.0, 96.6, "IJCNN 2021 Table II"),
+            "tiny_imagenet_resize": ("entropic", 88.0, 97.8, "IJCNN 2021 Table II"),
+            "lsun_resize": ("entropic", 94.5, 98.8, "IJCNN 2021 Table II"),
         },
     },
     ("densenet_bc100", "cifar10", "isomax_plus"): {
         "accuracy": 95.0,
-        "ood": {"svhn": ("mds", 97.0, 99.4, "IsoMax+ paper, mean of 5 runs")},
+        "ood": {"svhn": ("min_distance", 97.0, 99.4, "IsoMax+ paper, mean of 5 runs")},
     },
     ("densenet_bc100", "cifar100", "softmax"): {
         "accuracy": 77.0,
         "ood": {
-            "svhn": ("es", 24.9, 81.9, "IJCNN 2021 Table II"),
-            "tiny_imagenet_resize": ("es", 23.7, 78.8, "IJCNN 2021 Table II"),
+            "svhn": ("entropic", 24.9, 81.9, "IJCNN 2021 Table II"),
+            "tiny_imagenet_resize": ("entropic", 23.7, 78.8, "IJCNN 2021 Table II"),
         },
     },
     ("densenet_bc100", "cifar100", "isomax"): {
         "accuracy": 77.0,
         "ood": {
-            "svhn": ("es", 23.4, 88.6, "IJCNN 2021 Table II"),
-            "tiny_imagenet_resize": ("es", 49.1, 92.6, "IJCNN 2021 Table II"),
+            "svhn": ("entropic", 23.4, 88.6, "IJCNN 2021 Table II"),
+            "tiny_imagenet_resize": ("entropic", 49.1, 92.6, "IJCNN 2021 Table II"),
         },
     },
 }
@@ -125,10 +125,13 @@ def get_config(arg: str = "densenet_bc100,cifar10,isomax") -> ml_collections.Con
     config.losses = losses
     config.entropic_scale = 10.0
     config.dismax_fpr = False
+    config.dtype = "float32"  # "bfloat16": mixed precision (parameters and statistics float32)
     config.num_epochs = 300.0
     config.num_train_steps = -1
     config.batch_size = 64
+    config.schedule = "multistep"
     config.learning_rate = 0.1
+    config.warmup_epochs = 0.0
     config.lr_boundaries = (0.5, 2.0 / 3.0, 5.0 / 6.0)  # epochs 150/200/250 of 300
     config.lr_decay_factor = 0.1
     config.momentum = 0.9
@@ -141,6 +144,9 @@ def get_config(arg: str = "densenet_bc100,cifar10,isomax") -> ml_collections.Con
         ood = (*ood, _NEAR_OOD[dataset])
     config.ood_datasets = ood
     config.conventions = ("reference", "openood")
+    config.detectors = ()  # every detector of isomax_jax.detectors that applies to the head
+    config.perturbation_max_examples = -1  # ODIN on every example
+    config.bootstrap_samples = 200
     config.eval_batch_size = 512  # global; must divide by the number of devices
     config.max_eval_examples = -1
     config.data_dir = ""
