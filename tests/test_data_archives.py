@@ -220,7 +220,9 @@ def test_archive_bomb_fails_before_inflating(bombs, name):
 
 def test_gzip_bomb_stops_at_the_cap(bombs):
     def read(cap):
-        with pytest.raises(ArchiveError, match=rf"bomb.gz decompresses to more than {cap} bytes"):
+        with pytest.raises(
+            ArchiveError, match=rf"bomb.gz decompresses to more than max_bytes={cap} "
+        ):
             read_gzip(bombs / "bomb.gz", max_bytes=cap)
 
     assert _peak_bytes(lambda: read(4 * MIB)) < 16 * MIB
@@ -260,7 +262,9 @@ def test_caps_are_arguments(tmp_path):
     gz = tmp_path / "x.gz"
     gz.write_bytes(gzip.compress(bytes(2 * MIB)))
     assert len(read_gzip(gz)) == 2 * MIB
-    with pytest.raises(ArchiveError, match="x.gz decompresses to more than 1048576 bytes"):
+    with pytest.raises(
+        ArchiveError, match=r"x.gz decompresses to more than max_bytes=1048576 \(1 MiB\)"
+    ):
         read_gzip(gz, max_bytes=MIB)
     with pytest.raises(ValueError, match="max_member_bytes must be a positive int, got 0"):
         list(iter_archive(z, suffixes=(".png",), max_member_bytes=0))

@@ -60,11 +60,12 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n} bytes"
 
 
-def _too_large(where: str, size: str, cap_name: str, cap: int) -> ArchiveError:
+def _too_large(where: str, size: str | None, cap_name: str, cap: int) -> ArchiveError:
+    size = f"{size}, more than" if size is not None else "more than"
     return ArchiveError(
-        f"{where} decompresses to {size}, more than {cap_name}={cap} ({_mib(cap)}); refusing to "
-        f"inflate it (a decompression bomb or the wrong file?). Pass a larger {cap_name} if the "
-        "archive is genuine."
+        f"{where} decompresses to {size} {cap_name}={cap} ({_mib(cap)}); refusing to inflate it "
+        f"(a decompression bomb or the wrong file?). Pass a larger {cap_name} if the archive is "
+        "genuine."
     )
 
 
@@ -77,7 +78,7 @@ def _read_capped(fobj, *, where: str, limit: int, cap_name: str, cap: int) -> by
             return b"".join(chunks)
         size += len(chunk)
         if size > limit:
-            raise _too_large(where, f"more than {limit} bytes", cap_name, cap)
+            raise _too_large(where, None, cap_name, cap)
         chunks.append(chunk)
 
 
