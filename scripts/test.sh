@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs, then runs lint, format check, unit, doctest and
 # parity tests. Torch is pinned to the CPU build (2.13.0) so no CUDA wheel is downloaded; the
-# PyTorch reference package is installed without its (heavy, unused) dependency list.
+# PyTorch reference packages are installed without their (heavy, unused) dependency lists.
+# Tests run on every core (pytest-xdist, one worker per core, modules kept together so that
+# module fixtures are built once); `-m "not slow"` skips the end-to-end runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --disable-pip-version-check -e ".[test]"
@@ -9,4 +11,4 @@ python -m pip install -q --disable-pip-version-check --no-deps robust-deep-learn
 ruff check .
 ruff format --check .
 export ISOMAX_SHARED_DATA="${ISOMAX_SHARED_DATA:-$(cd .. && pwd)/shared/data}"
-python -m pytest -q "$@"
+python -m pytest -q -n "${PYTEST_WORKERS:-auto}" --dist loadscope "$@"

@@ -151,6 +151,7 @@ def test_verdicts_compare_with_softmax_best_detector():
     assert verdicts.best_detector(report.summarize(runs), "softmax", "c", "auroc") == "entropic"
 
 
+@pytest.mark.slow
 def test_tiny_experiment_end_to_end(finished):
     workdir, results = finished
     assert [(r["loss"], r["seed"]) for r in results["runs"]] == [("softmax", 0), ("isomax", 0)]
@@ -183,6 +184,7 @@ def test_tiny_experiment_end_to_end(finished):
     assert "singular" in md or "not fitted" in md
 
 
+@pytest.mark.slow
 def test_same_config_twice_gives_identical_numbers_and_logits(finished, tmp_path, mock_data):
     workdir, first = finished
     again = train_eval.run(tiny_config(), str(tmp_path / "again"))
@@ -199,6 +201,7 @@ def test_same_config_twice_gives_identical_numbers_and_logits(finished, tmp_path
             np.testing.assert_array_equal(a[key], b[key])
 
 
+@pytest.mark.slow
 def test_finished_runs_are_restored_and_evaluate_mode_rewrites_the_report(
     finished, monkeypatch, mock_data
 ):
@@ -235,6 +238,7 @@ def test_finished_runs_are_restored_and_evaluate_mode_rewrites_the_report(
         assert after["ood"] == before["ood"]
 
 
+@pytest.mark.slow
 def test_multi_device_default_equals_one_device(tmp_path, mock_data):
     config = tiny_config(num_train_steps=4, losses=("isomax",), learning_rate=0.05)
     split = train_eval.data.load_train_split("cifar10")
@@ -287,6 +291,7 @@ def test_missing_data_fails_before_training(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_changed_config_in_an_existing_workdir_names_the_keys(finished, mock_data):
     workdir, _ = finished
     config = tiny_config(learning_rate=0.05, weight_decay=1e-4)
@@ -298,6 +303,7 @@ def test_changed_config_in_an_existing_workdir_names_the_keys(finished, mock_dat
     assert "fresh --workdir" in message
 
 
+@pytest.mark.slow
 def test_diverging_training_stops_naming_the_step(tmp_path, mock_data):
     config = tiny_config(learning_rate=1e12, num_train_steps=6, losses=("softmax",))
     with pytest.raises(train_eval.TrainingDivergedError, match=r"at step \d+ of 6"):

@@ -43,6 +43,7 @@ def _launch(out: pathlib.Path, num_processes: int, devices_per_process: int):
     return procs
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
     assert jax.device_count() == 8
     out = tmp_path / "multihost.npz"
