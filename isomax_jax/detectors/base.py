@@ -229,10 +229,16 @@ class Detector:
         self._require(self.score_inputs, given, "score")
         arrays = {k: given[k] for k in _ARRAY_INPUTS if k in self.score_inputs}
         arrays = self._prepare(state, **arrays)
-        for key, value in arrays.items():
-            check_finite(key, value)
         head_fn = given.get("head_fn") if "head_fn" in self.score_inputs else None
-        return _score_jit(self, head_fn, state, arrays)
+        scores, bad = _score_jit(self, head_fn, state, arrays)
+        if is_concrete(bad):  # eager call: the finiteness counts came with the scores
+            for key in sorted(bad):
+                if int(bad[key]):
+                    raise ValueError(
+                        f"`{key}` contains {int(bad[key])} NaN or inf value(s); scores would be "
+                        "NaN."
+                    )
+        return scores
 
     def _fit(self, **inputs) -> State:  # pragma: no cover - every fitted detector overrides it
         raise NotImplementedError
@@ -259,7 +265,10 @@ class Detector:
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _score_jit(detector: Detector, head_fn, state: State, arrays: dict[str, jax.Array]):
-    return detector._score(state, head_fn, **arrays)
+    """Scores and, per input, its count of non-finite values (one dispatch; under an outer jit
+    the unused counts are dead code)."""
+    bad = {key: jnp.sum(~jnp.isfinite(value)) for key, value in arrays.items()}
+    return detector._score(state, head_fn, **arrays), bad
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
