@@ -19,7 +19,7 @@ TOL64 = dict(rtol=0, atol=1e-12)
 
 
 def loop_reference(ins, outs, tpr=0.95):
-    """REFERENCE.md §3 sweep, written as the plain loop of the papers' calculate_log.py."""
+    """The reference sweep (docs/metrics.md), written as the plain loop of calculate_log.py."""
     known, novel = np.sort(np.asarray(ins, np.float64)), np.sort(np.asarray(outs, np.float64))
     num_k, num_n = len(known), len(novel)
     tp, fp = [num_k], [num_n]
