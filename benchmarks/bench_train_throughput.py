@@ -1,21 +1,28 @@
 """Training throughput (images/s) on this CPU: the JAX train step vs the PyTorch twin.
 
+By default JAX runs the way the experiments do (``experiments/main.py``): the global batch is
+split over one host device per CPU (``--xla_force_host_platform_device_count``, the
+``isomax_jax.parallel`` jit + sharding path, state donated), because XLA:CPU runs each
+convolution on one core. ``--jax-variants`` adds XLA:CPU flag variants and ``1device`` (the
+whole batch on one device, for comparison).
+
 Each measurement runs in its own subprocess (XLA flags are read once per process), pinned to the
 same CPUs as the others and with the same thread count, and the JAX and PyTorch measurements
 alternate in rounds so that load from other processes hits both alike. Reported: median step
 time over the timed steps (after one warm-up/compile step), images/s, the JAX/PyTorch ratio of
 each round, and the spread over rounds (the noise).
 
-The step is the full training step of the papers' recipe: forward in train mode (BatchNorm batch
+The step is the default experiment's training step: forward in train mode (BatchNorm batch
 statistics), IsoMax loss (entropic scale 10), backward, SGD Nesterov momentum 0.9 with weight
-decay 1e-4. JAX: ``isomax_jax.train.train_step`` under ``jax.jit`` (state donated), NHWC.
-PyTorch: ``tests/parity/torch_models.py`` + ``robust_deep_learning.IsoMaxLossSecondPart`` +
-``torch.optim.SGD``, NCHW (or channels-last).
+decay on all parameters and the warm-up schedule, batch 128. JAX: ``isomax_jax.train.train_step``
+under ``jax.jit`` (state donated), NHWC. PyTorch: ``tests/parity/torch_models.py`` +
+``robust_deep_learning.IsoMaxLossSecondPart`` + ``torch.optim.SGD``, NCHW (or channels-last),
+``torch.set_num_threads(threads)``.
 
-Defaults: one pinned CPU and one thread per run (with other jobs on the machine, OpenMP spin-waits
-make multi-threaded PyTorch several times slower and the comparison meaningless; pass
-``--threads 2`` on an idle machine), small_resnet 3 rounds x 6 steps, ResNet-34 1 round x 2 steps
-(about 8 minutes in all on this 2-core machine; ``--models small_resnet`` takes about 2).
+Defaults: every CPU of the machine per run (pass ``--threads 1`` to compare one core each; with
+other jobs on the machine OpenMP spin-waits make multi-threaded PyTorch erratic), small_resnet,
+3 rounds x 6 steps (about 2 minutes on this 2-core machine); ``--models small_resnet,resnet34``
+adds ResNet-34 (1 round x 2 steps, about 6 more minutes).
 
 Usage::
 
@@ -37,9 +44,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: XLA:CPU configurations tried (flags from this jaxlib's DebugOptions; see the closing notes).
+#: XLA:CPU configurations tried (flags from this jaxlib's DebugOptions). Every variant except
+#: "1device" splits the batch over one host device per thread, as the experiments do.
 JAX_VARIANTS = {
     "default": "",
+    "1device": "",
     "onednn": "--xla_cpu_use_onednn=true",
     "no_xnnpack": "--xla_cpu_use_xnnpack=false",
     "xnn_graph": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
@@ -63,21 +72,27 @@ def _jax_child(model_name: str, batch: int, steps: int) -> dict:
     import jax
     import numpy as np
 
-    from isomax_jax import models, train
+    from isomax_jax import models, parallel, train
 
     model = models.get_model(model_name, num_classes=10, head="isomax")
+    schedule = train.warmup_decay_schedule(
+        total_steps=10_000, warmup_steps=1_000, peak_learning_rate=0.2
+    )
     state = train.create_train_state(
         model,
         key=jax.random.key(0),
-        tx=train.reference_optimizer(0.1),
+        tx=train.reference_optimizer(schedule, weight_decay=5e-4),
         loss=train.LossConfig("isomax"),
     )
+    mesh = parallel.data_mesh()
     rng = np.random.default_rng(0)
-    data = {
-        "image": jax.device_put(rng.normal(size=(batch, 32, 32, 3)).astype(np.float32)),
-        "label": jax.device_put(rng.integers(0, 10, batch).astype(np.int32)),
+    host = {
+        "image": rng.normal(size=(batch, 32, 32, 3)).astype(np.float32),
+        "label": rng.integers(0, 10, batch).astype(np.int32),
     }
-    step = jax.jit(train.train_step, donate_argnums=0)
+    data = parallel.shard_batch(host, mesh)
+    state = parallel.replicate_state(state, mesh)
+    step = parallel.sharded_train_step(mesh)
     t0 = time.perf_counter()
     state, metrics = step(state, data)
     jax.block_until_ready(metrics)
@@ -88,7 +103,7 @@ def _jax_child(model_name: str, batch: int, steps: int) -> dict:
         state, metrics = step(state, data)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
-    return {"first_step_s": first, "times": times}
+    return {"first_step_s": first, "times": times, "devices": len(jax.devices())}
 
 
 def _torch_child(model_name: str, batch: int, steps: int, variant: str, threads: int) -> dict:
@@ -222,7 +237,13 @@ def _run(kind, *, model="", variant="", batch, steps, threads, timeout) -> dict 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
     env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = JAX_VARIANTS.get(variant, "") if kind == "jax" else ""
+    devices = 1 if variant == "1device" else threads
+    if kind == "jax":
+        env["XLA_FLAGS"] = (
+            f"--xla_force_host_platform_device_count={devices} " + JAX_VARIANTS.get(variant, "")
+        ).strip()
+    else:
+        env["XLA_FLAGS"] = ""
     env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--model", model]
     cmd += ["--variant", variant, "--batch", str(batch), "--steps", str(steps)]
@@ -300,12 +321,17 @@ def _bench_conv(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="small_resnet,resnet34")
+    parser.add_argument("--models", default="small_resnet")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=0, help="timed steps (0: per-model default)")
     parser.add_argument("--rounds", type=int, default=0, help="0: per-model default")
-    parser.add_argument("--threads", type=int, default=1, help="CPUs (and threads) per run")
-    parser.add_argument("--jax-variants", default="default,onednn")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="CPUs per run: PyTorch threads, JAX host devices (default: every CPU)",
+    )
+    parser.add_argument("--jax-variants", default="default,1device")
     parser.add_argument("--torch-variants", default="nchw")
     parser.add_argument("--conv", action="store_true", help="single-conv layout/dtype benchmark")
     parser.add_argument("--timeout", type=int, default=600)

@@ -266,17 +266,15 @@ def restore_one(config: Any, workdir: str, *, loss: str, seed: int, run: int, me
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract
     )
     ckpt = checkpointing.RunCheckpointer(run_dir, save_every_steps=config.checkpoint_every_steps)
-    step = ckpt.latest_step()
-    if step is None:
+    if ckpt.latest_step() is None:
         raise FileNotFoundError(
             f"no checkpoint in {run_dir}; train first (--mode=train_and_evaluate)"
         )
-    if info.get("steps") not in (None, step):
-        logging.warning(
-            "%s: restoring step %d, training recorded %s steps", run_dir, step, info["steps"]
-        )
-    state = ckpt.restore_latest(abstract)
+    state = ckpt.restore_latest(abstract)  # the newest intact checkpoint
     ckpt.close()
+    step = int(state.step)
+    if info.get("steps") not in (None, step):
+        logging.warning("%s: restored step %d, training recorded %s", run_dir, step, info["steps"])
     return records.TrainedRun(loss, seed, run, state, model, info or {"steps": step})
 
 
