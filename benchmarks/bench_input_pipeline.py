@@ -1,113 +1,119 @@
-"""Input pipeline vs training step: is the CPU ever waiting for data?
+"""Does the training loop ever wait for its input? Side by side on 8 fake CPU devices.
 
-Measures, in one run and on this machine:
+Runs, interleaved round by round in one process, the experiments' training loop
+(``experiments/train_eval.py``) in two ways:
 
-1. the CIFAR-10 training pipeline (``isomax_jax.data.train_dataset``: cached decode, full shuffle,
-   crop 32 / pad 4 + flip, normalisation, batching, prefetch) in images/s, steady state (after the
-   first batch, which fills the cache and the shuffle buffer);
-2. the consumption rate of a plain jitted SGD step (momentum 0.9, IsoMax loss) of the default CPU
-   model ``get_model("small_resnet", num_classes=10, head="isomax")`` in images/s.
+1. **pipeline**: the real input: ``isomax_jax.data.train_dataset`` (the CIFAR-10 split held in
+   memory, crop + flip + normalisation on a background thread) through
+   ``isomax_jax.parallel.prefetch_to_mesh`` (batches on the devices two steps ahead), the jitted
+   sharded step, and the loop's one-step-behind wait on the previous step's metrics;
+2. **resident**: the same step and loop on one batch that already sits on the devices.
 
-The pipeline must be at least 3x faster than the step so that input is never the bottleneck.
+If input never stalls, the two step times are equal within the noise (the spread over rounds
+is printed). It also prints the pipeline's own rate (host batches/s without any step) to show
+the margin. Data: the offline CIFAR-10 (``--data_dir``), or generated images
+(``tfds.testing.mock_data``) when it is absent.
 
-Run:  python benchmarks/bench_input_pipeline.py [--data_dir ../shared/data/tfds] [--batch_size 128]
+Run:  python benchmarks/bench_input_pipeline.py [--devices 8] [--rounds 5] [--steps 20]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
+import statistics
+import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
 DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tfds"
-
-
-def pipeline_rate(data_dir: str, batch_size: int, num_batches: int) -> tuple[float, float]:
-    from isomax_jax import data
-
-    ds = data.train_dataset(
-        "cifar10", batch_size=batch_size, seed=0, data_dir=data_dir, num_devices=1
-    )
-    it = iter(ds)
-    start = time.perf_counter()
-    next(it)
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(num_batches):
-        batch = next(it)
-    elapsed = time.perf_counter() - start
-    assert batch["image"].shape == (batch_size, 32, 32, 3)
-    return num_batches * batch_size / elapsed, first
-
-
-def step_rate(batch_size: int, num_steps: int) -> float:
-    from isomax_jax.losses import isomax_loss
-    from isomax_jax.models import get_model
-
-    model = get_model("small_resnet", num_classes=10, head="isomax")
-    rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.normal(size=(batch_size, 32, 32, 3)), jnp.float32)
-    labels = jnp.asarray(rng.integers(0, 10, size=(batch_size,)), jnp.int32)
-    variables = model.init(jax.random.key(0), images[:1])
-    params, batch_stats = variables["params"], variables["batch_stats"]
-    tx = optax.sgd(0.1, momentum=0.9)
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def train_step(params, batch_stats, opt_state, images, labels):
-        def loss_fn(p):
-            logits, updates = model.apply(
-                {"params": p, "batch_stats": batch_stats},
-                images,
-                train=True,
-                mutable=["batch_stats"],
-            )
-            return isomax_loss(logits, labels).mean(), updates["batch_stats"]
-
-        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_stats, opt_state, loss
-
-    state = train_step(params, batch_stats, opt_state, images, labels)  # compile
-    jax.block_until_ready(state)
-    start = time.perf_counter()
-    for _ in range(num_steps):
-        state = train_step(*state[:3], images, labels)
-    jax.block_until_ready(state)
-    return num_steps * batch_size / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_dir", default=str(DEFAULT_DATA))
+    parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--num_batches", type=int, default=200)
-    parser.add_argument("--num_steps", type=int, default=10)
+    parser.add_argument("--model", default="small_resnet")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    pipe, first = pipeline_rate(args.data_dir, args.batch_size, args.num_batches)
-    step = step_rate(args.batch_size, args.num_steps)
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, {jax.devices()}")
-    print(f"batch size {args.batch_size}")
-    print(
-        f"input pipeline (CIFAR-10, crop+flip, normalise): {pipe:10.0f} images/s  "
-        f"(first batch {first:.1f} s: decode + cache + fill shuffle buffer)"
+    import jax
+    import tensorflow_datasets as tfds
+
+    from isomax_jax import data, models, parallel, train
+
+    mocked = not pathlib.Path(args.data_dir).is_dir()
+    context = tfds.testing.mock_data(num_examples=2048) if mocked else contextlib.nullcontext()
+    data_dir = None if mocked else args.data_dir
+    model = models.get_model(args.model, num_classes=10, head="isomax")
+    mesh = parallel.data_mesh()
+    step_fn = parallel.sharded_train_step(mesh)
+    state = train.create_train_state(
+        model,
+        key=jax.random.key(0),
+        tx=train.reference_optimizer(0.05),
+        loss=train.LossConfig("isomax"),
     )
-    print(f"train step (small_resnet + IsoMax, jitted SGD):  {step:10.0f} images/s")
-    ratio = pipe / step
+    state = parallel.replicate_state(state, mesh)
+
+    def loop(state, batches, n):
+        """The experiments' loop: dispatch, then wait only for the previous step."""
+        pending = None
+        start = time.perf_counter()
+        for _, batch in zip(range(n), batches, strict=False):
+            state, metrics = step_fn(state, batch)
+            if pending is not None:
+                jax.block_until_ready(pending)
+            pending = metrics
+        jax.block_until_ready(pending)
+        return state, (time.perf_counter() - start) / n
+
+    with context:
+        stream = data.train_dataset(
+            "cifar10", batch_size=args.batch_size, seed=0, data_dir=data_dir, num_devices=1
+        )
+        host_rate = _host_rate(stream, 50, args.batch_size)
+        device_batches = parallel.prefetch_to_mesh(stream, mesh)
+        resident = next(device_batches)
+        state, _ = loop(state, iter([resident]), 1)  # compile
+        times = {"pipeline": [], "resident": []}
+        for _ in range(args.rounds):
+            state, t = loop(state, device_batches, args.steps)
+            times["pipeline"].append(t)
+            state, t = loop(state, iter([resident] * args.steps), args.steps)
+            times["resident"].append(t)
+        stream.close()
+
+    print(f"{len(jax.devices())} devices on {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     print(
-        f"ratio pipeline / step: {ratio:.1f}x  (target >= 3x): {'PASS' if ratio >= 3 else 'FAIL'}"
+        f"{args.model}, global batch {args.batch_size}, {args.rounds} rounds x {args.steps} steps"
     )
+    print(
+        f"host pipeline alone: {host_rate:9.0f} images/s" + (" (generated data)" if mocked else "")
+    )
+    for name, values in times.items():
+        med = statistics.median(values)
+        spread = (max(values) - min(values)) / 2 / med
+        print(f"step time, {name:>8} input: {1e3 * med:7.1f} ms/step (±{100 * spread:.0f} %)")
+    ratios = [p / r for p, r in zip(times["pipeline"], times["resident"], strict=True)]
+    print(
+        f"pipeline / resident per round: {', '.join(f'{r:.3f}' for r in ratios)}; "
+        f"median {statistics.median(ratios):.3f} (1.0 = no stall)"
+    )
+
+
+def _host_rate(stream, n: int, batch_size: int) -> float:
+    next(stream)
+    start = time.perf_counter()
+    for _ in range(n):
+        next(stream)
+    return n * batch_size / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

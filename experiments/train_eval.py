@@ -11,7 +11,7 @@ restored instead of trained. The flow is one way: main -> train_eval -> evaluate
 
 from __future__ import annotations
 
-import collections
+import itertools
 import json
 import math
 import os
@@ -158,19 +158,11 @@ def train_one(
         start_step=start,
         num_steps=total - start,
     )
-    num_classes = NUM_CLASSES[config.dataset]
-    ahead: collections.deque = collections.deque()  # batches already on the devices
-
-    def put_next() -> None:
-        host = next(batches, None)
-        if host is not None:
-            ahead.append(parallel.shard_batch(host, mesh))
-
     t_start = time.time()
-    first = next(batches)
-    validation.validate_labels(first["label"], num_classes)  # eager: bad labels fail here
-    ahead.append(parallel.shard_batch(first, mesh))
-    put_next()
+    host = iter(batches)
+    first = next(host)
+    validation.validate_labels(first["label"], NUM_CLASSES[config.dataset])  # eager: fails here
+    device_batches = parallel.prefetch_to_mesh(itertools.chain([first], host), mesh)
     compile_s = t_timed = None
     pending: list[dict[str, jax.Array]] = []
     window_start, last = start, {}
@@ -181,10 +173,8 @@ def train_one(
         enabled=jax.process_index() == 0,
     )
     with batches, bar:
-        for step in range(start, total):
-            batch = ahead.popleft()
+        for step, batch in zip(range(start, total), device_batches, strict=True):
             state, metrics = step_fn(state, batch)
-            put_next()  # the next batch goes to the devices while this step runs
             if pending:  # wait for the previous step only: the device always has work queued
                 jax.block_until_ready(pending[-1])
             pending.append(metrics)

@@ -13,8 +13,10 @@ Legacy path: :func:`pmap_train_step` maps :func:`~isomax_jax.train.train_step` w
 
 from __future__ import annotations
 
+import collections
 import functools
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -89,6 +91,34 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree.map(put, batch)
+
+
+def prefetch_to_mesh(batches: Iterable[Any], mesh: Mesh, size: int = 2) -> Iterator[Any]:
+    """Yields host-local batches already placed on ``mesh`` (:func:`shard_batch`), ``size`` ahead.
+
+    The pattern of Flax's ``prefetch_to_device`` for the jit + sharding path: while the step
+    that consumes batch ``k`` runs (JAX dispatches asynchronously), batches ``k + 1 .. k + size``
+    are already on the devices, so the step never waits for a host-to-device copy.
+
+    Example:
+      >>> mesh = data_mesh(jax.devices()[:2])
+      >>> host = ({"x": np.full(4, i)} for i in range(3))
+      >>> [int(b["x"][0]) for b in prefetch_to_mesh(host, mesh)]
+      [0, 1, 2]
+    """
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    source = iter(batches)
+    ahead: collections.deque = collections.deque()
+
+    def enqueue(n: int) -> None:
+        for batch in itertools.islice(source, n):
+            ahead.append(shard_batch(batch, mesh))
+
+    enqueue(size)
+    while ahead:
+        yield ahead.popleft()
+        enqueue(1)
 
 
 def sharded_train_step(
