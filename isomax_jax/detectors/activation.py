@@ -68,17 +68,21 @@ class ReAct(Detector):
 
 
 def ash_s(features: jax.Array, percentile: float) -> jax.Array:
-    """ASH-S on ``[B, D]``: keep the top ``D - round(D p / 100)`` entries of each row, zero the
-    rest, multiply by ``exp(sum(row) / sum(kept))``. A row whose kept entries sum to 0 keeps scale
-    ``exp(0) = 1`` (instead of NaN)."""
+    """ASH-S on ``[B, D]``: keep each row's ``D - round(D p / 100)`` largest entries, zero the rest,
+    multiply by ``exp(sum(row) / sum(kept))``.
+
+    Entries tied with the smallest kept value are all kept (deterministic; ``torch.topk`` keeps an
+    arbitrary subset of such ties). A row whose kept entries sum to 0 keeps scale ``exp(0) = 1``
+    (instead of NaN).
+    """
     dim = features.shape[1]
     keep = dim - int(np.round(dim * percentile / 100.0))
     if keep < 1:
         raise ValueError(f"`percentile`={percentile} prunes all {dim} features; keep at least one.")
-    values, index = jax.lax.top_k(features, keep)
-    pruned = jnp.put_along_axis(jnp.zeros_like(features), index, values, axis=1, inplace=False)
+    threshold = jnp.min(jax.lax.top_k(features, keep)[0], axis=1)
+    pruned = jnp.where(features >= threshold[:, None], features, 0)
     total = jnp.sum(features, axis=1)
-    kept = jnp.sum(values, axis=1)
+    kept = jnp.sum(pruned, axis=1)
     scale = jnp.where(kept != 0, total / jnp.where(kept != 0, kept, 1), 0)
     return pruned * jnp.exp(scale)[:, None]
 
