@@ -302,9 +302,11 @@ def test_logit_detectors_delegate_to_scores():
 def test_ash_keeps_ties_at_the_threshold_and_zero_rows_finite(x64):
     x = np.array([[3.0, 1.0, 2.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0], [5.0, 4.0, 3.0, 2.0, 1.0]])
     shaped = np.asarray(detectors.activation.ash_s(jnp.asarray(x), 60.0))  # keep 2 of 5
-    np.testing.assert_allclose(shaped[0], [3, 0, 2, 2, 0] * np.exp(8 / 7), **F64)  # tie kept
+    np.testing.assert_allclose(
+        shaped[0], np.array([3, 0, 2, 2, 0]) * np.exp(8 / 7), **F64
+    )  # tie kept
     np.testing.assert_array_equal(shaped[1], np.zeros(5))
-    np.testing.assert_allclose(shaped[2], [5, 4, 0, 0, 0] * np.exp(15 / 9), **F64)
+    np.testing.assert_allclose(shaped[2], np.array([5, 4, 0, 0, 0]) * np.exp(15 / 9), **F64)
 
 
 def test_hyperparameters_change_scores(x64):
