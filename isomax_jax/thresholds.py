@@ -21,16 +21,25 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from isomax_jax import detectors as _detectors
 from isomax_jax import metrics as _metrics
-from isomax_jax import scores as _scores
 
-SCORE_NAMES = ("max_probability", "entropic", "min_distance", "mmls", "mmles", "energy")
+#: Older names of the same scores (the function names of :mod:`isomax_jax.scores`).
+_ALIASES = {"max_probability": "msp"}
+#: Every score a threshold can be fitted on: the detectors of :mod:`isomax_jax.detectors` that
+#: need nothing but logits (so a new logit detector is available here with no change), plus
+#: the aliases above.
+SCORE_NAMES: tuple[str, ...] = tuple(
+    name
+    for name in _detectors.NAMES
+    if _detectors.get(name).inputs == {"logits"} and not _detectors.get(name).needs_images
+) + tuple(_ALIASES)
 _FORMAT = "isomax_jax.OODDetector/1"
 
 
 @functools.partial(jax.jit, static_argnames="score")
 def _apply_score(logits, *, score):
-    return getattr(_scores, score)(logits)
+    return _detectors.get(_ALIASES.get(score, score)).score({}, logits=logits)
 
 
 @jax.jit
