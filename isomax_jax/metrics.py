@@ -51,15 +51,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from isomax_jax import registry
+
 CONVENTIONS = ("reference", "openood")
-METRIC_NAMES = (
-    "tnr_at_tpr",
-    "fpr_at_tpr",
-    "auroc",
-    "aupr_in",
-    "aupr_out",
-    "detection_accuracy",
-)
+METRIC_NAMES = registry.METRIC_NAMES  # titles and directions: isomax_jax.registry.METRICS
 
 
 def _prepare(scores, mask, name: str, mask_name: str):

@@ -22,21 +22,16 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-DEFAULT_METRICS = ("tnr_at_tpr", "auroc", "aupr_in", "aupr_out", "detection_accuracy")
+from isomax_jax import registry
+
+DEFAULT_METRICS = tuple(m for m in registry.METRIC_NAMES if m != "fpr_at_tpr")
 
 
 def metric_label(name: str, *, tpr: float = 0.95) -> str:
-    """Column label of a metric name, e.g. ``"tnr_at_tpr"`` -> ``"TNR@TPR95"``."""
-    pct = f"{100 * tpr:g}"
-    labels = {
-        "tnr_at_tpr": f"TNR@TPR{pct}",
-        "fpr_at_tpr": f"FPR@TPR{pct}",
-        "auroc": "AUROC",
-        "aupr_in": "AUPR-in",
-        "aupr_out": "AUPR-out",
-        "detection_accuracy": "Det. acc.",
-    }
-    return labels.get(name, name)
+    """Column label of a metric name (:data:`isomax_jax.registry.METRICS`), e.g.
+    ``"tnr_at_tpr"`` -> ``"TNR@TPR95"``; unknown names are returned as they are."""
+    spec = registry.METRICS.get(name)
+    return name if spec is None else spec.label(tpr)
 
 
 def mean_std(values: Sequence[float], *, ddof: int = 0) -> tuple[float, float]:
