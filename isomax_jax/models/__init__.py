@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from isomax_jax import registry
 from isomax_jax.models import densenet, resnet, wide_resnet
 from isomax_jax.models.classifier import Classifier, SoftMaxHead
 
@@ -34,7 +35,7 @@ BACKBONES: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "wrn28_10": (wide_resnet.wrn28_10, 640),
 }
 
-HEADS: tuple[str, ...] = ("softmax", "isomax", "isomax_plus", "dismax")
+HEADS: tuple[str, ...] = registry.HEAD_NAMES  # titles and pairings: isomax_jax.registry.HEADS
 
 
 def make_head(head: str, *, num_classes: int, temperature: float = 1.0) -> nn.Module:
