@@ -96,7 +96,8 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 def prefetch_to_mesh(batches: Iterable[Any], mesh: Mesh, size: int = 2) -> Iterator[Any]:
     """Yields host-local batches already placed on ``mesh`` (:func:`shard_batch`), ``size`` ahead.
 
-    The pattern of Flax's ``prefetch_to_device`` for the jit + sharding path: while the step
+    Hand-written because Flax's ``prefetch_to_device`` stacks batches on a leading device axis
+    for ``pmap``; this is its jit + sharding counterpart. While the step
     that consumes batch ``k`` runs (JAX dispatches asynchronously), batches ``k + 1 .. k + size``
     are already on the devices, so the step never waits for a host-to-device copy.
 
