@@ -19,9 +19,15 @@ def normalize(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(norm, 1e-12)[:, None]
 
 
-@functools.partial(jax.jit, static_argnames=("k", "chunk"))
+@functools.partial(jax.jit, static_argnames=("k", "chunk", "normalize_queries"))
 def kth_neighbour_distance(
-    queries: jax.Array, bank: jax.Array, bank_sq_norms: jax.Array, *, k: int, chunk: int
+    queries: jax.Array,
+    bank: jax.Array,
+    bank_sq_norms: jax.Array,
+    *,
+    k: int,
+    chunk: int,
+    normalize_queries: bool = False,
 ) -> jax.Array:
     """Euclidean distance of each query to its ``k``-th nearest bank row, ``[B]``, exact.
 
@@ -31,6 +37,8 @@ def kth_neighbour_distance(
       bank_sq_norms: ``[num_chunks, chunk_rows]`` squared norms, ``+inf`` on padded rows.
       k: the neighbour rank (1 = nearest).
       chunk: queries per chunk.
+      normalize_queries: L2-normalise each query chunk (:func:`normalize`) before the search, so
+        no normalised copy of all queries is ever made.
 
     Each query chunk walks the bank blocks with ``lax.fori_loop``, keeping only its running
     top-``k`` of ``2 q.b - |b|^2 = |q|^2 - |q - b|^2`` (``lax.top_k``, exact): temporary memory is
@@ -40,6 +48,9 @@ def kth_neighbour_distance(
     chunk = max(1, min(chunk, b))
 
     def one_chunk(q):
+        if normalize_queries:
+            q = normalize(q)
+
         def similarity(j):  # 2 q.b - |b|^2 for bank block j, [chunk, rows]
             rows = lax.dynamic_index_in_dim(bank, j, 0, keepdims=False)
             sq_norms = lax.dynamic_index_in_dim(bank_sq_norms, j, 0, keepdims=False)
@@ -119,11 +130,13 @@ class KNN(Detector):
 
     def _score(self, state, head_fn, *, features):
         dtype = jnp.promote_types(features.dtype, state["bank"].dtype)
-        q = features.astype(dtype)
-        q = normalize(q) if self.normalize else q
         bank = state["bank"].astype(dtype)
         sq_norms = state["bank_sq_norms"].astype(dtype)
-        return -kth_neighbour_distance(q, bank, sq_norms, k=self.k, chunk=self.query_chunk)
+        distance = kth_neighbour_distance(
+            features.astype(dtype), bank, sq_norms, k=self.k, chunk=self.query_chunk,
+            normalize_queries=self.normalize,
+        )  # fmt: skip
+        return -distance
 
 
 DETECTORS = (KNN,)
