@@ -4,20 +4,36 @@ Notation: features ``f`` ``[batch, features]``, prototypes ``P`` ``[num_classes,
 All functions are pure, work under ``jit``/``vmap``/``grad`` and compute in float32 or wider
 (bfloat16/float16 inputs give float32 logits).
 
-Numerics, matched to the PyTorch reference (``robust_deep_learning`` 0.5.0):
+Numerics, matched to the PyTorch reference (``robust_deep_learning`` 0.5.0; the math of the
+losses and heads is in ``docs/isomax.md``, the numerics below in ``docs/accelerators.md``):
 
-* ``pairwise_distance(..., method="exact")`` sums squared *differences* like
-  ``torch.cdist(..., compute_mode="donot_use_mm_for_euclid_dist")``, but never materialises the
-  ``[batch, num_classes, features]`` difference tensor: the forward pass is one fused
-  subtract-square-reduce, and the derivative (a ``custom_jvp``) is written with matrix products,
-  ``d/df_i = sum_j w_ij (f_i - p_j) = f_i sum_j w_ij - (w P)_i`` with ``w = g / d``, except for
-  each row's nearest prototype, whose term uses the exact difference ``f_i - p_k`` (the expanded
-  form cancels catastrophically when ``d`` is tiny). At zero distance the derivative is 0, as
-  in torch.
-  Cost (``benchmarks/bench_heads.py``, CPU, B=256, C=1000, D=2048, forward+backward): temporary
-  memory 3-13 MiB above an ``nn.Dense`` head (a materialised difference would be 2 GiB), time
-  about 3x the Dense head, because the fused reduction is slower than XLA's matrix product;
-  ``method="matmul"`` runs at about 1x but loses precision near ``d = 0``.
+* ``pairwise_distance(..., method="exact")`` (the default) is as accurate as the reference's
+  subtract-square-reduce (``torch.cdist(..., compute_mode="donot_use_mm_for_euclid_dist")``) at
+  the cost of one matrix product. Every pair is first computed in the matrix-product form
+  ``s_ij = ||f_i||^2 + ||p_j||^2 - 2 f_i.p_j`` (``Precision.HIGHEST``). With ``u`` the unit
+  roundoff of the compute dtype and ``gamma_n = n u / (1 - n u)``, the dot-product error bound
+  gives ``|fl(s) - d^2| <= gamma_{D+2} (||f||^2 + ||p||^2 + 2 |f|.|p|) <= gamma_{D+2} S`` with
+  ``S = (||f|| + ||p||)^2``, while subtract-square-reduce (a sum of squares) has
+  ``|fl(s) - d^2| <= gamma_{D+2} d^2``. The matrix product is thus bad exactly where
+  ``d^2 << S``: there ``|sqrt(fl(s)) - d|`` is only bounded by ``sqrt(gamma S)`` (at ``d = 0``,
+  about ``1e-3 (||f|| + ||p||) / 2`` in float32 for D=512, against 0). Rule: an entry is kept
+  iff ``fl(s) >= tau fl(S)``, ``tau = (1/K + gamma)(1 + 2 gamma)``, ``gamma = gamma_{D+3}``,
+  ``K =`` :data:`CANCELLATION_LIMIT` ``= 8`` (the factor ``1 + 2 gamma`` covers the rounding of
+  ``fl(S)`` and of the product). A kept entry then has ``d^2 >= fl(s) - gamma S >= S / K``, so
+  ``|fl(s) - d^2| <= K gamma d^2`` and ``|fl(d) - d| <= (K gamma + u) d``: at most ``K`` times
+  the exact form's bound. Every other entry is recomputed by subtract-square-reduce: in each row
+  the :data:`EXACT_PER_ROW` ``= 2`` entries with the largest ``tau fl(S) - fl(s)`` (the most
+  cancellation; the nearest prototypes when the norms are alike) always, and the whole matrix
+  (a ``lax.cond``, about 3x slower) in the rare batch where a row has more rejected entries
+  (a feature within the cancellation zone of 3+ near-duplicate prototypes). The derivative (a
+  ``custom_jvp``) expands ``<f_i - p_j, df_i - dp_j> / d_ij`` into matrix products, except for
+  the recomputed pairs of each row, which use the exact differences ``f_i - p_j`` (the
+  expansion's relative error grows like ``sqrt(S) / d``); it is 0 at ``d = 0``, as in torch.
+  Cost (``benchmarks/bench_heads.py``, 2-core CPU, B=256, C=1000, D=2048): about 1.0x an
+  ``nn.Dense`` head forward and 1.2x forward+backward; temporary memory O(B C + B D + C D),
+  never the 2 GiB ``[B, C, D]`` difference.
+* ``method="matmul"`` is the matrix-product form alone (clamped at 0): the fastest, but with
+  the ``sqrt(gamma S)`` error near ``d = 0``.
 * ``l2_normalize`` is ``x / max(||x||, 1e-12)`` (torch ``F.normalize``): an all-zero row gives
   zeros and finite gradients.
 * The distance scale enters through ``|s|`` with derivative ``sign(s)`` (0 at 0, as in torch).
@@ -29,6 +45,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from isomax_jax import validation
@@ -85,42 +102,99 @@ def l2_normalize(x: jax.typing.ArrayLike, *, eps: float = 1e-12) -> jax.Array:
     return x / jnp.maximum(norm, eps)
 
 
-def _squared_distance_exact(features: jax.Array, prototypes: jax.Array) -> jax.Array:
+#: ``K``: an entry of the matrix-product form is kept only where its worst-case error bound is
+#: at most ``K`` times the bound of the subtract-square-reduce form at the same entry.
+CANCELLATION_LIMIT = 8.0
+#: ``k``: entries of each row always recomputed by subtract-square-reduce (the ``k`` entries
+#: with the largest cancellation ratio, i.e. the nearest prototypes when norms are alike).
+EXACT_PER_ROW = 2
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _gamma(n: int, dtype) -> float:
+    """``gamma_n = n u / (1 - n u)``, ``u`` the unit roundoff of ``dtype`` (inf if ``n u >= 1``)."""
+    u = float(jnp.finfo(dtype).eps) / 2
+    return n * u / (1 - n * u) if n * u < 1 else math.inf
+
+
+def _squared_distance_reduce(features: jax.Array, prototypes: jax.Array) -> jax.Array:
     # One fused subtract-square-reduce: XLA does not materialise the [B, C, D] operand.
     diff = features[:, None, :] - prototypes[None, :, :]
     return jnp.sum(jnp.square(diff), axis=-1)
 
 
+def _squared_distance_at(features: jax.Array, prototypes: jax.Array, index: jax.Array):
+    """Subtract-square-reduce for the pairs ``(i, index[i, m])``: ``[batch, k]``."""
+    diff = features[:, None, :] - _rows(prototypes, index)
+    return jnp.sum(jnp.square(diff), axis=-1)
+
+
+def _rows(x: jax.Array, index: jax.Array) -> jax.Array:
+    """``x[index]`` for indices known to be in bounds (from ``top_k``): no bounds handling."""
+    return x.at[index].get(mode="promise_in_bounds")
+
+
+def _squared_distance(features: jax.Array, prototypes: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Squared distances ``[B, C]`` (the exact rule of the module docstring) and the ``[B, k]``
+    indices recomputed by subtract-square-reduce in every row."""
+    batch, dim = features.shape
+    k = min(EXACT_PER_ROW, prototypes.shape[0])
+    gamma = _gamma(dim + 3, features.dtype)
+    # Accept where d~^2 >= (||f|| + ||p||)^2 * (1/K + gamma) * (1 + 2 gamma).
+    threshold = (1 / CANCELLATION_LIMIT + gamma) * (1 + 2 * gamma)
+    if not threshold < 1:  # the bound is void in this dtype at this D: no matrix product
+        squared = _squared_distance_reduce(features, prototypes)
+        return squared, jax.lax.top_k(-squared, k)[1]
+    f2 = jnp.sum(jnp.square(features), axis=1, keepdims=True)
+    p2 = jnp.sum(jnp.square(prototypes), axis=1)[None, :]
+    squared = f2 + p2 - 2 * jnp.matmul(features, prototypes.T, precision=_HIGHEST)
+    # > 0 where the matrix-product value is not accepted; the k largest per row are recomputed.
+    excess = threshold * jnp.square(jnp.sqrt(f2) + jnp.sqrt(p2)) - squared
+    _, index = jax.lax.top_k(excess, k)
+    rows = jnp.arange(batch)[:, None]
+    exact = _squared_distance_at(features, prototypes, index)
+    squared = squared.at[rows, index].set(exact, unique_indices=True)  # top_k: distinct
+    # A row with more than k rejected entries (k + 1 prototypes within the cancellation zone of
+    # one feature): recompute everything, rarely, so that every returned entry is exact.
+    overflow = jnp.any(jnp.sum(excess > 0, axis=1) > k)
+    squared = jax.lax.cond(
+        overflow,
+        lambda: _squared_distance_reduce(features, prototypes),
+        lambda: squared,
+    )
+    return squared, index
+
+
 @jax.custom_jvp
 def _exact_distance(features: jax.Array, prototypes: jax.Array) -> jax.Array:
-    return jnp.sqrt(_squared_distance_exact(features, prototypes))
+    squared, _ = _squared_distance(features, prototypes)
+    return jnp.sqrt(jnp.maximum(squared, 0))
 
 
 def _exact_distance_jvp(primals, tangents):
     features, prototypes = primals
     d_features, d_prototypes = tangents
-    distance = _exact_distance(features, prototypes)
+    squared, index = _squared_distance(features, prototypes)
+    distance = jnp.sqrt(jnp.maximum(squared, 0))
     positive = distance > 0
     inverse = jnp.where(positive, 1 / jnp.where(positive, distance, 1), 0)
     # d(d_ij) = <f_i - p_j, df_i - dp_j> / d_ij. Expanded into matrix products for all pairs;
-    # for each row's nearest prototype (where the expansion would cancel catastrophically) it
-    # is computed from the exact difference f_i - p_k, a [batch, features] array.
-    nearest = jnp.argmin(distance, axis=1)
-    is_nearest = jax.nn.one_hot(nearest, distance.shape[1], dtype=bool)
-    difference = features - prototypes[nearest]
-    inverse_nearest = jnp.take_along_axis(inverse, nearest[:, None], axis=1)
+    # for the k pairs of each row recomputed in the forward pass (where the expansion would
+    # cancel most) it is computed from the exact differences f_i - p_j, a [B, k, D] array.
+    difference = features[:, None, :] - _rows(prototypes, index)
     expanded = jnp.zeros_like(distance)
-    exact = jnp.zeros_like(distance[:, :1])
+    exact = jnp.zeros(index.shape, distance.dtype)
     if not isinstance(d_features, SymbolicZero):
         expanded = expanded + jnp.sum(features * d_features, axis=-1, keepdims=True)
-        expanded = expanded - d_features @ prototypes.T
-        exact = exact + jnp.sum(difference * d_features, axis=-1, keepdims=True)
+        expanded = expanded - jnp.matmul(d_features, prototypes.T, precision=_HIGHEST)
+        exact = exact + jnp.sum(difference * d_features[:, None, :], axis=-1)
     if not isinstance(d_prototypes, SymbolicZero):
-        expanded = expanded - features @ d_prototypes.T
+        expanded = expanded - jnp.matmul(features, d_prototypes.T, precision=_HIGHEST)
         expanded = expanded + jnp.sum(prototypes * d_prototypes, axis=-1)[None, :]
-        exact = exact - jnp.sum(difference * d_prototypes[nearest], axis=-1, keepdims=True)
-    tangent = jnp.where(is_nearest, exact * inverse_nearest, expanded * inverse)
-    return distance, tangent
+        exact = exact - jnp.sum(difference * _rows(d_prototypes, index), axis=-1)
+    rows = jnp.arange(features.shape[0])[:, None]
+    return distance, expanded.at[rows, index].set(exact, unique_indices=True) * inverse
 
 
 _exact_distance.defjvp(_exact_distance_jvp, symbolic_zeros=True)
@@ -130,7 +204,7 @@ def _matmul_distance(features: jax.Array, prototypes: jax.Array) -> jax.Array:
     squared = (
         jnp.sum(jnp.square(features), axis=-1, keepdims=True)
         + jnp.sum(jnp.square(prototypes), axis=-1)[None, :]
-        - 2 * (features @ prototypes.T)
+        - 2 * jnp.matmul(features, prototypes.T, precision=_HIGHEST)
     )
     return safe_sqrt(jnp.maximum(squared, 0))
 
@@ -157,14 +231,16 @@ def pairwise_distance(
     Args:
       features: ``[batch, features]`` floating array.
       prototypes: ``[num_classes, features]`` floating array.
-      method: ``"exact"`` (default) sums squared differences like the reference's
-        ``torch.cdist(..., compute_mode="donot_use_mm_for_euclid_dist")`` without materialising
-        ``[batch, num_classes, features]``. ``"matmul"`` uses ``||f||^2 + ||p||^2 - 2 f.p``
-        (clamped at 0): faster on accelerators but it loses precision when ``d`` is small
-        relative to the norms. Measured in float32 on unit vectors (D=512 and 2048): absolute
-        error of ``d`` at most ~1.7e-7 on random pairs (``d`` near 1.4, the same as the exact
-        method) but up to ~1e-3 at ``d = 0`` (exact method: 0); see
-        ``tests/test_distances.py``. Both methods need O(batch * num_classes) temporary memory.
+      method: ``"exact"`` (default): as accurate as the reference's subtract-square-reduce
+        (``torch.cdist(..., compute_mode="donot_use_mm_for_euclid_dist")``): the
+        matrix-product form where its written error bound is within ``K = 8`` times the
+        exact form's, subtract-square-reduce elsewhere (module docstring). ``"matmul"``: the
+        matrix-product form ``||f||^2 + ||p||^2 - 2 f.p`` alone (clamped at 0), which loses
+        precision when ``d`` is small relative to the norms. Measured in float32 on unit
+        vectors (D=512 and 2048): absolute error of ``d`` at most ~1.7e-7 on random pairs
+        (``d`` near 1.4, the same as the exact method) but up to ~1e-3 at ``d = 0`` (exact
+        method: 0); see ``tests/test_distances.py``. Neither materialises
+        ``[batch, num_classes, features]``.
 
     Returns:
       ``[batch, num_classes]`` distances, float32 or wider; the derivative is 0 where ``d = 0``.
@@ -186,6 +262,30 @@ def pairwise_distance(
     if method == "exact":
         return _exact_distance(features, prototypes)
     return _matmul_distance(features, prototypes)
+
+
+def check_temperature(temperature: jax.typing.ArrayLike) -> None:
+    """Raises ``ValueError`` unless a concrete ``temperature`` is a finite scalar > 0.
+
+    A traced temperature (an argument of a jitted function) cannot be checked and is accepted.
+
+    Example:
+      >>> check_temperature(0.5)
+      >>> check_temperature(-1.0)
+      Traceback (most recent call last):
+      ...
+      ValueError: `temperature` must be a finite scalar > 0; got -1.0.
+    """
+    if isinstance(temperature, jax.core.Tracer):
+        return
+    try:
+        value = np.asarray(temperature, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`temperature` must be a finite scalar > 0; got {temperature!r}."
+        ) from None
+    if value.ndim != 0 or not (np.isfinite(value) and value > 0):
+        raise ValueError(f"`temperature` must be a finite scalar > 0; got {temperature!r}.")
 
 
 def _check_scale(distance_scale, dtype) -> jax.Array:
@@ -210,16 +310,21 @@ def isomax_logits(
     Args:
       features: ``[batch, features]`` floating array.
       prototypes: ``[num_classes, features]`` floating array (zeros at initialisation).
-      temperature: scalar ``T`` > 0, 1 in training; set after post-hoc calibration.
+      temperature: finite scalar ``T`` > 0, 1 in training; set after post-hoc calibration.
       method: distance computation, see :func:`pairwise_distance`.
 
     Returns:
       ``[batch, num_classes]`` logits (float32 or wider).
 
+    Raises:
+      ValueError: for a concrete ``temperature`` that is not a finite scalar > 0, bad shapes or
+        an unknown ``method``.
+
     Example:
       >>> isomax_logits(jnp.array([[3.0, 4.0]]), jnp.zeros((2, 2)))
       Array([[-5., -5.]], dtype=float32)
     """
+    check_temperature(temperature)
     distance = pairwise_distance(features, prototypes, method=method)
     return -distance / jnp.asarray(temperature, distance.dtype)
 
@@ -265,6 +370,7 @@ def isomax_plus_logits(
       >>> isomax_plus_logits(f, p, jnp.ones(1))
       Array([[-0., -2.]], dtype=float32)
     """
+    check_temperature(temperature)
     distance = _scaled_normalized_distance(features, prototypes, distance_scale, method)
     return -distance / jnp.asarray(temperature, distance.dtype)
 
@@ -297,6 +403,7 @@ def dismax_logits(
       >>> dismax_logits(f, p, jnp.ones(1))
       Array([[-0.70710677, -2.1213202 ]], dtype=float32)
     """
+    check_temperature(temperature)
     distance = _scaled_normalized_distance(
         features, prototypes, distance_scale, method, divisor=math.sqrt(2.0)
     )

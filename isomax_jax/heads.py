@@ -12,7 +12,9 @@ DisMaxHead        N(0, 1)                 1.0
 ================  ======================  ===================================
 
 The temperature is a module attribute (not a parameter): 1 in training, set after post-hoc
-calibration (:func:`isomax_jax.calibrate_temperature`) with ``head.clone(temperature=t)``.
+calibration (:func:`isomax_jax.calibrate_temperature`) with ``head.clone(temperature=t)``; a
+temperature that is not a finite scalar > 0 is refused with a ``ValueError`` when the head is
+applied. The math of each head is in ``docs/isomax.md``.
 """
 
 from __future__ import annotations

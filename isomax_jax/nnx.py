@@ -2,7 +2,8 @@
 
 Same parameter names, shapes and initialisers as the Linen heads and the PyTorch reference
 (``prototypes`` ``[C, D]``: zeros for IsoMax, N(0, 1) otherwise; ``distance_scale`` ``[1]``
-initialised to 1.0), and the same pure functions of :mod:`isomax_jax.distances` underneath.
+initialised to 1.0), and the same pure functions of :mod:`isomax_jax.distances` underneath; a
+temperature that is not a finite scalar > 0 is refused at construction and at every call.
 NNX needs the feature dimension at construction. The temperature is a plain attribute, not an
 ``nnx.Param``, so ``nnx.state(head, nnx.Param)`` holds exactly the trainable parameters.
 """
@@ -53,6 +54,7 @@ class IsoMaxHead(nnx.Module):
         rngs: nnx.Rngs | None = None,
     ):
         _check_sizes(num_features, num_classes)
+        distances.check_temperature(temperature)
         self.temperature = temperature
         self.method = method
         self.prototypes = nnx.Param(jnp.zeros((num_classes, num_features), param_dtype))
@@ -78,6 +80,7 @@ class _NormalizedHead(nnx.Module):
         rngs: nnx.Rngs,
     ):
         _check_sizes(num_features, num_classes)
+        distances.check_temperature(temperature)
         self.temperature = temperature
         self.method = method
         init = nnx.initializers.normal(stddev=1.0)

@@ -1,8 +1,10 @@
 """Tests of isomax_jax.distances against independent NumPy float64 references."""
 
+import functools
 import math
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -183,9 +185,15 @@ def test_matmul_method_error_near_zero_distance():
     assert near.max() < 2e-3  # documented bound in `pairwise_distance`
 
 
-def test_exact_distance_memory_is_order_b_times_c():
-    """fwd+bwd temp memory of the exact head at B=256, C=1000, D=2048 vs an nn.Dense head."""
+def test_exact_distance_memory_has_no_batch_class_feature_term():
+    """fwd+bwd temp memory of the exact head at B=256, C=1000, D=2048 vs an nn.Dense head.
+
+    Budget above Dense: 16 [B, C] arrays, 2 [B, k, D] arrays (the recomputed pairs' exact
+    differences and their cotangents) and 2 [C, D] arrays (normalised prototypes and their
+    cotangent, IsoMax+/DisMax). A materialised difference would be B * C * D * 4 = 2 GiB.
+    """
     b, c, d = 256, 1000, 2048
+    k = distances.EXACT_PER_ROW
     f = jax.ShapeDtypeStruct((b, d), jnp.float32)
     p = jax.ShapeDtypeStruct((c, d), jnp.float32)
     s = jax.ShapeDtypeStruct((1,), jnp.float32)
@@ -195,9 +203,120 @@ def test_exact_distance_memory_is_order_b_times_c():
         return compiled.memory_analysis().temp_size_in_bytes
 
     dense = temp_bytes(lambda f, w: jnp.sum(jnp.tanh(f @ w.T)), f, p)
-    budget = dense + 16 * b * c * 4
+    budget = dense + (16 * b * c + 2 * b * k * d + 2 * c * d) * 4
+    assert budget < b * c * d * 4 / 40
     assert temp_bytes(lambda f, p: jnp.sum(jnp.tanh(isomax_logits(f, p))), f, p) <= budget
     assert temp_bytes(lambda f, p, s: jnp.sum(jnp.tanh(dismax_logits(f, p, s))), f, p, s) <= budget
+
+
+def _adversarial_pairs(seed, d=256):
+    """Feature/prototype sets on which the matrix-product form cancels badly."""
+    rng = np.random.default_rng(seed)
+    p = rng.normal(size=(6, d))
+    u = rng.normal(size=(7, d))
+    eps = np.array([0.0, 1e-6, 1e-4, 1e-2, 0.3, 1.0, 3.0])[:, None]
+    cases = {
+        # features at relative distance eps from prototype 0 (exactly on it for eps = 0)
+        "near_one": (p[0] + eps * np.linalg.norm(p[0]) * u / np.linalg.norm(u, axis=1)[:, None], p),
+        # two near-duplicate prototypes (k = 2 recomputed pairs per row suffice)
+        "two_duplicates": (p[:3] + 1e-4 * u[:3], np.concatenate([p[:1], p[:1] + 1e-5 * u[3:4], p])),
+        # three near-duplicates: more rejected entries than k, the whole matrix is recomputed
+        "three_duplicates": (p[:2], np.concatenate([p[:1], p[:1], p[:1] + 1e-5 * u[:1], p[1:]])),
+        # a large common offset: every pair cancels (||f|| + ||p|| >> d)
+        "offset": (100.0 + rng.normal(size=(5, d)), 100.0 + rng.normal(size=(8, d))),
+        # very different norms, no cancellation: the matrix product is kept everywhere
+        "norms": (1e3 * rng.normal(size=(4, d)), 1e-2 * rng.normal(size=(9, d))),
+    }
+    return {name: (f.astype(np.float32), p.astype(np.float32)) for name, (f, p) in cases.items()}
+
+
+@pytest.mark.parametrize(
+    "case", ["near_one", "two_duplicates", "three_duplicates", "offset", "norms"]
+)
+def test_exact_distance_meets_the_written_error_bound(case):
+    """Every entry within (K gamma_{D+3} + 2u) d of the float64 distance of the float32 inputs."""
+    f, p = _adversarial_pairs(0)[case]
+    ref = np_distance(f, p)
+    u = np.finfo(np.float32).eps / 2
+    n = f.shape[1] + 3
+    bound = (distances.CANCELLATION_LIMIT * n * u / (1 - n * u) + 2 * u) * ref
+    exact = np.asarray(jax.jit(pairwise_distance)(f, p), np.float64)
+    assert np.all(np.abs(exact - ref) <= bound), np.max(
+        np.abs(exact - ref) / np.maximum(ref, 1e-30)
+    )
+    np.testing.assert_array_equal(exact[ref == 0], 0.0)
+    matmul = np.asarray(pairwise_distance(f, p, method="matmul"), np.float64)
+    if case == "norms":  # no cancellation: the matrix-product form alone meets the bound too
+        assert np.all(np.abs(matmul - ref) <= bound)
+    else:  # the inputs are adversarial: the matrix-product form alone does not
+        assert np.any(np.abs(matmul - ref) > bound)
+
+
+def test_exact_distance_float64_near_duplicates():
+    with jax.enable_x64(True):
+        for case, (f, p) in _adversarial_pairs(1).items():
+            f, p = f.astype(np.float64), p.astype(np.float64)
+            out = jax.jit(pairwise_distance)(f, p)
+            assert out.dtype == jnp.float64
+            np.testing.assert_allclose(out, np_distance(f, p), rtol=1e-10, atol=0, err_msg=case)
+
+
+def test_exact_distance_under_vmap_and_with_one_class():
+    f, p = _adversarial_pairs(2)["three_duplicates"]
+    mapped = jax.jit(jax.vmap(lambda x: pairwise_distance(x[None], p)[0]))(f)
+    np.testing.assert_allclose(mapped, np_distance(f, p), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(pairwise_distance(f, p[:1]), np_distance(f, p[:1]), rtol=1e-6)
+
+
+def test_head_matrix_products_run_at_highest_precision():
+    f, p, s = _inputs(12)
+
+    def dots(fn, *args):
+        jaxpr = jax.make_jaxpr(fn)(*args)
+        found = []
+
+        def walk(jaxpr):
+            for eqn in jaxpr.eqns:
+                if eqn.primitive.name == "dot_general":
+                    found.append(eqn.params["precision"])
+                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                    walk(sub)
+
+        walk(jaxpr.jaxpr)
+        return found
+
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    for method in ("exact", "matmul"):
+        forward = dots(functools.partial(isomax_logits, method=method), f, p)
+        loss = functools.partial(
+            lambda f, p, s, m: jnp.sum(dismax_logits(f, p, s, method=m)), m=method
+        )
+        backward = dots(jax.grad(loss, argnums=(0, 1)), f, p, s)
+        assert forward and backward
+        assert all(precision == highest for precision in forward + backward)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan"), np.ones(2), "warm"])
+def test_temperature_must_be_finite_and_positive(bad):
+    f, p, s = _inputs(13)
+    for call in (
+        lambda: isomax_logits(f, p, temperature=bad),
+        lambda: isomax_plus_logits(f, p, s, temperature=bad),
+        lambda: dismax_logits(f, p, s, temperature=bad),
+        lambda: distances.check_temperature(bad),
+    ):
+        with pytest.raises(ValueError, match="`temperature`"):
+            call()
+    # A traced temperature cannot be checked; a valid one works under jit.
+    logits = jax.jit(lambda t: isomax_logits(f, p, temperature=t))(2.0)
+    np.testing.assert_allclose(logits, np_isomax(f, p, 2.0), rtol=1e-5)
+
+
+def test_sign_flipped_temperature_no_longer_silent():
+    """Issue 13: ``isomax_logits(f, P, temperature=-1.0)`` returned sign-flipped logits."""
+    f, p, _ = _inputs(14)
+    with pytest.raises(ValueError, match="`temperature` must be a finite scalar > 0; got -1.0"):
+        isomax_logits(f, p, temperature=-1.0)
 
 
 def test_bad_inputs():
@@ -231,6 +350,27 @@ def test_exact_gradient_accurate_near_a_prototype():
     norm = np.linalg.norm(p[0])
     f = (p[[0, 1, 2]] + np.array([[1e-2], [1e-3], [1e-4]]) * norm * u).astype(np.float32)
     weights = rng.normal(size=(3, 6))
+
+    def loss(f, p):
+        return jnp.sum(weights * pairwise_distance(f, p))
+
+    grad_f, grad_p = jax.jit(jax.grad(loss, argnums=(0, 1)))(f, p)
+    diff = f.astype(np.float64)[:, None, :] - p.astype(np.float64)[None, :, :]
+    unit = diff / np.linalg.norm(diff, axis=-1, keepdims=True)
+    ref_f = np.einsum("ij,ijk->ik", weights, unit)
+    ref_p = -np.einsum("ij,ijk->jk", weights, unit)
+    for got, ref in ((grad_f, ref_f), (grad_p, ref_p)):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_exact_gradient_accurate_near_two_duplicate_prototypes():
+    """Both near-duplicate prototypes of a feature get exact-difference derivatives (k = 2)."""
+    rng = np.random.default_rng(15)
+    p = rng.normal(size=(5, 128))
+    u = rng.normal(size=(3, 128))
+    p = np.concatenate([p[:1], p[:1] + 1e-3 * u[:1], p[1:]]).astype(np.float32)
+    f = (p[:1] + 1e-3 * u[1:]).astype(np.float32)
+    weights = rng.normal(size=(2, 6))
 
     def loss(f, p):
         return jnp.sum(weights * pairwise_distance(f, p))

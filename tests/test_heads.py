@@ -118,3 +118,17 @@ def test_bad_feature_shapes(key):
         ValueError, match=r"`prototypes` has shape \(3, 4\) \(expected \[num_classes, 5\]\)"
     ):
         head.apply(variables, jnp.ones((2, 5)))
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
+def test_temperature_must_be_finite_and_positive(bad, key):
+    from isomax_jax.models import SoftMaxHead
+
+    features = jnp.ones((2, 4))
+    for cls in (*HEADS.values(), SoftMaxHead):
+        variables = cls(num_classes=3).init(key, features)
+        with pytest.raises(ValueError, match="`temperature`"):
+            cls(num_classes=3, temperature=bad).apply(variables, features)
+        # Calibration's clone(temperature=...) path is checked as well.
+        with pytest.raises(ValueError, match="`temperature`"):
+            cls(num_classes=3).clone(temperature=bad).apply(variables, features)

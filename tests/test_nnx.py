@@ -74,3 +74,14 @@ def test_bad_sizes_and_features():
     head = isomax_nnx.DisMaxHead(4, 3, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"`prototypes` has shape \(3, 4\)"):
         head(jnp.ones((2, 5)))
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
+def test_temperature_must_be_finite_and_positive(bad):
+    for nnx_cls, _ in PAIRS.values():
+        with pytest.raises(ValueError, match="`temperature`"):
+            nnx_cls(4, 3, temperature=bad, rngs=nnx.Rngs(0))
+        head = nnx_cls(4, 3, rngs=nnx.Rngs(0))
+        head.temperature = bad  # set after construction: refused when called
+        with pytest.raises(ValueError, match="`temperature`"):
+            head(jnp.ones((2, 4)))

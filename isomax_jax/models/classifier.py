@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from isomax_jax import distances
+
 
 def _uniform_fan_in(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
     """``U(-sqrt(1 / D), sqrt(1 / D))`` for a ``[D, C]`` kernel (the reference SoftMax head)."""
@@ -31,7 +33,7 @@ class SoftMaxHead(nn.Module):
 
     Attributes:
       num_classes: number of classes ``C``.
-      temperature: ``T``, not trained (1 unless calibrated).
+      temperature: ``T``, a finite scalar > 0, not trained (1 unless calibrated).
       param_dtype: dtype of the parameters.
 
     Example:
@@ -50,6 +52,7 @@ class SoftMaxHead(nn.Module):
     @nn.compact
     def __call__(self, features: jax.typing.ArrayLike) -> jax.Array:
         """Maps ``[batch, features]`` to ``[batch, num_classes]`` logits."""
+        distances.check_temperature(self.temperature)
         features = jnp.asarray(features)
         if features.ndim != 2:
             raise ValueError(

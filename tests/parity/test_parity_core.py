@@ -154,6 +154,31 @@ def test_edge_cases_zero_distance_zero_row_zero_scale(reference, kind, dtype):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_near_duplicate_features_and_prototypes(reference, kind, dtype):
+    """Where the matrix-product form cancels: the exact head recomputes (module docstring).
+
+    Offsets are relative to unit-scale vectors; for the normalised heads they stay at 1e-2,
+    because below that the derivative's direction ``(f - p) / d`` is set by the rounding of
+    the normalisation itself (in both frameworks, ~u / offset).
+    """
+    offset = 1e-4 if kind == "isomax" else 1e-2
+    rng = np.random.default_rng(11)
+    prototypes = rng.normal(size=(5, 7))
+    prototypes[3] = prototypes[2] + offset * rng.normal(size=7)  # near-duplicate prototypes
+    features, labels = _inputs(12, np.float64)
+    features[0] = prototypes[labels[0]] + 10 * offset * rng.normal(size=7)  # near its target
+    features[1] = prototypes[2] + offset * rng.normal(size=7)  # near both duplicates
+    if kind == "isomax":
+        # Exactly on one of them. Not for the normalised heads: f / ||f|| and p / ||p|| are
+        # normalised in different fusions and can differ by an ulp, so "d = 0" becomes d ~ 1e-8
+        # and the direction (f - p) / d is rounding noise, in either framework.
+        features[2] = prototypes[3]
+    prototypes, features = prototypes.astype(dtype), features.astype(dtype)
+    scale = np.array([1.5], dtype)
+    _compare(reference, kind, features, labels, dtype, prototypes=prototypes, scale=scale)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_huge_logits_compare_where_reference_is_finite(reference, kind, dtype):
     """Far-away targets make the reference's softmax-then-log loss ``inf``; ours stays finite."""
     rng = np.random.default_rng(6)
