@@ -30,7 +30,7 @@ entropic                 ES           logits                          all
 min_distance             MDS          logits                          isomax, isomax_plus, dismax
 mmls                     MMLS         logits                          isomax, isomax_plus, dismax
 mmles                    MMLES        logits                          isomax, isomax_plus, dismax
-odin                     ODIN         images (``score_images``)       all
+odin                     ODIN         images (logits when eps=0)      all
 mahalanobis              Mahalanobis  features, labels                all
 relative_mahalanobis     RMD          features, labels                all
 knn                      KNN          features                        all
