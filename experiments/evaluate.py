@@ -236,17 +236,22 @@ def evaluate_runs(
         fit_out, fit_labels, _ = forward.run(
             batches, -(-n_fit // config.eval_batch_size), "features of the training split", None
         )
-        for t in trained:
-            for name in list(names[t.name]):
-                try:
-                    states[t.name][name] = detectors.get(name).fit(
-                        features=fit_out[t.name]["features"], logits=fit_out[t.name]["logits"],
-                        labels=fit_labels, **head_inputs[t.name],
-                    )  # fmt: skip
-                except ValueError as err:  # e.g. a singular feature covariance: report it
-                    names[t.name].remove(name)
-                    skipped.setdefault(t.name, {})[name] = str(err)
-                    logging.warning("%s: detector %s not fitted: %s", t.name, name, err)
+        total = sum(len(ns) for ns in names.values())
+        with Progress(
+            "fit detectors", total, unit="detector", enabled=jax.process_index() == 0
+        ) as bar:
+            for t in trained:
+                for name in list(names[t.name]):
+                    try:
+                        states[t.name][name] = detectors.get(name).fit(
+                            features=fit_out[t.name]["features"], logits=fit_out[t.name]["logits"],
+                            labels=fit_labels, **head_inputs[t.name],
+                        )  # fmt: skip
+                    except ValueError as err:  # e.g. a singular feature covariance: report it
+                        names[t.name].remove(name)
+                        skipped.setdefault(t.name, {})[name] = str(err)
+                        logging.warning("%s: detector %s not fitted: %s", t.name, name, err)
+                    bar.update(1, run=t.name, detector=name)
         del fit_out
 
     perturb_cap = config.perturbation_max_examples

@@ -73,8 +73,8 @@ class Progress:
         eta = (self.total - self.count) / rate if rate > 0 else float("nan")
         extra = " ".join(f"{k}={v}" for k, v in _format(self._postfix).items())
         return (
-            f"{self.desc}: {self.count}/{self.total} {self.unit}s, {now - self._start:.0f} s, "
-            f"ETA {eta:.0f} s {extra}".rstrip()
+            f"{self.desc}: {self.count}/{self.total} {_plural(self.unit)}, "
+            f"{now - self._start:.0f} s, ETA {eta:.0f} s {extra}".rstrip()
         )
 
     def close(self) -> None:
@@ -87,6 +87,10 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _plural(unit: str) -> str:
+    return unit + ("es" if unit.endswith(("s", "sh", "ch", "x")) else "s")
 
 
 def _format(values: Mapping[str, Any]) -> dict[str, str]:

@@ -143,15 +143,24 @@ def _workdir_problems(config, workdir: str, mode: str) -> list[str]:
     return problems
 
 
+# Keys that do not change a run's trained weights: a finished run may be re-evaluated with other
+# values (e.g. more detectors or OOD sets) in the same workdir.
+EVALUATION_ONLY_KEYS = frozenset({
+    "bootstrap_samples", "build_dir", "checkpoint_every_steps", "conventions", "data_dir",
+    "detectors", "download", "eval_batch_size", "log_every_steps", "losses", "manual_dir",
+    "max_eval_examples", "ood_datasets", "perturbation_max_examples", "published", "runs",
+})  # fmt: skip
+
+
 def _recorded_config_problems(path: str, config) -> list[str]:
-    """The differences between a run's recorded config and this one, key by key."""
+    """The differences between a run's recorded config and this one in keys that shape training."""
     try:
         with open(path) as f:
             recorded = json.load(f).get("config") or {}
     except (OSError, ValueError) as err:
         return [f"{path} cannot be read ({err}); move it away or use a fresh --workdir"]
     current = json.loads(json.dumps(config.to_dict(), default=str))
-    keys = sorted(set(recorded) | set(current))
+    keys = sorted((set(recorded) | set(current)) - EVALUATION_ONLY_KEYS)
     diffs = [
         f"{k}: recorded {recorded.get(k, '<absent>')!r}, now {current.get(k, '<absent>')!r}"
         for k in keys

@@ -3,7 +3,11 @@
 import subprocess
 import sys
 
-CORE = ["distances", "losses", "heads", "nnx", "scores", "calibration", "validation", "detectors"]
+CORE = [
+    "distances", "losses", "heads", "nnx", "scores", "calibration", "validation", "detectors",
+    "registry", "metrics", "thresholds", "tables", "train", "parallel", "models",
+    "checkpointing", "distributed", "torch_import",
+]  # fmt: skip
 
 
 def test_import_does_not_pull_tensorflow_or_torch():
