@@ -87,14 +87,20 @@ class _Forward:
         self._step = step
 
     def run(
-        self, batches: Iterable[Mapping[str, np.ndarray]], total: int, desc: str, cap: int | None
-    ) -> tuple[dict[str, _Outputs], np.ndarray, dict[str, float]]:
-        """Outputs of every model on the real (masked) examples, labels, accuracy per model."""
+        self,
+        batches: Iterable[Mapping[str, np.ndarray]],
+        total: int,
+        desc: str,
+        cap: int | None,
+        keep_images: int = 0,
+    ) -> tuple[dict[str, _Outputs], np.ndarray, dict[str, float], np.ndarray]:
+        """Outputs of every model on the real (masked) examples, labels, accuracy per model,
+        and this process's first `keep_images` real images (for input-perturbation detectors)."""
         outs: dict[str, dict[str, list]] = {
             t.name: {"logits": [], "features": []} for t in self.trained
         }
         sums = {t.name: np.zeros(2) for t in self.trained}
-        labels, seen = [], 0
+        labels, seen, kept, num_kept = [], 0, [], 0
         gather = jax.jit(lambda x: x, out_shardings=parallel.replicated(self.mesh))
         with Progress(desc, total, unit="batch", enabled=jax.process_index() == 0) as bar:
             for batch in batches:
@@ -113,6 +119,10 @@ class _Forward:
                     for key in ("logits", "features"):
                         outs[t.name][key].append(np.asarray(o[key], np.float32)[mask])
                 labels.append(np.asarray(meta["y"])[mask])
+                if num_kept < keep_images:
+                    local = np.asarray(batch["image"])[np.asarray(batch["mask"], bool)]
+                    kept.append(local[: keep_images - num_kept])
+                    num_kept += len(kept[-1])
                 seen += int(mask.sum())
                 bar.update(1)
                 if cap is not None and seen >= cap:
@@ -122,7 +132,8 @@ class _Forward:
             for name, by_key in outs.items()
         }
         accuracy = {name: c / n if n else float("nan") for name, (c, n) in sums.items()}
-        return result, np.concatenate(labels)[:cap], accuracy
+        images = np.concatenate(kept) if kept else np.zeros((0,), np.float32)
+        return result, np.concatenate(labels)[:cap], accuracy, images
 
 
 def _split_batches(images: np.ndarray, labels: np.ndarray, dataset: str, batch_size: int):
@@ -162,20 +173,18 @@ def _score_all(
     return scores
 
 
-def _image_scores(config, run, name, state, dataset, head_inputs, cap) -> np.ndarray:
-    """Scores of an input-perturbation detector (ODIN) on the first `cap` examples of `dataset`."""
+def _image_scores(state, name, apply, images, head_inputs, batch_size) -> np.ndarray:
+    """Scores of an input-perturbation detector (ODIN) on `images` (this process's rows).
+
+    `apply` is the run's one `_apply_fn` (a static argument of the detector's jit: the same
+    object for every set, so the forward and backward pass compile once per model)."""
     det = detectors.get(name)
-    apply = _apply_fn(run)
-    out, seen = [], 0
-    for batch in _eval_batches(config, dataset):
-        real = np.asarray(batch["mask"], bool)
-        images = jnp.asarray(batch["image"][real])
-        if len(images):
-            out.append(np.asarray(det.score_images(state, apply, images, **head_inputs)))
-            seen += len(images)
-        if seen >= cap:
-            break
-    return np.concatenate(out)[:cap].astype(np.float32)
+    out = [
+        np.asarray(det.score_images(state, apply, jnp.asarray(chunk), **head_inputs))
+        for chunk in np.array_split(images, max(1, -(-len(images) // batch_size)))
+        if len(chunk)
+    ]
+    return np.concatenate(out).astype(np.float32)
 
 
 def _eval_batches(config: Any, dataset: str):
@@ -220,6 +229,7 @@ def evaluate_runs(
     cap = config.max_eval_examples if config.max_eval_examples > 0 else None
     names = {t.name: applicable_detectors(config, t.loss) for t in trained}
     head_inputs = {t.name: _head_inputs(t) for t in trained}
+    apply_fns = {t.name: _apply_fn(t) for t in trained}
 
     # Fit on the training split (no augmentation, no OOD data).
     states: dict[str, dict[str, Any]] = {t.name: {} for t in trained}
@@ -233,7 +243,7 @@ def evaluate_runs(
         batches = _split_batches(
             images[:n_fit], labels[:n_fit], config.dataset, config.eval_batch_size
         )
-        fit_out, fit_labels, _ = forward.run(
+        fit_out, fit_labels, _, _ = forward.run(
             batches, -(-n_fit // config.eval_batch_size), "features of the training split", None
         )
         total = sum(len(ns) for ns in names.values())
@@ -261,22 +271,32 @@ def evaluate_runs(
     accuracy, sizes = {}, {}
     for dataset in all_sets:
         batches = _eval_batches(config, dataset)
-        outputs, _, acc = forward.run(batches, len(batches), f"evaluate {dataset}", cap)
+        perturb = any(detectors.get(n).needs_images for ns in names.values() for n in ns)
+        outputs, _, acc, images = forward.run(
+            batches, len(batches), f"evaluate {dataset}", cap,
+            keep_images=(perturb_cap if perturb_cap > 0 else 1 << 62) if perturb else 0,
+        )  # fmt: skip
         if dataset == config.dataset:
             accuracy = acc
-        for t in trained:
-            out = outputs[t.name]
-            sizes.setdefault(t.name, {})[dataset] = len(out["logits"])
-            logits[t.name][dataset] = out["logits"]
-            scores[t.name][dataset] = _score_all(
-                t, names[t.name], states[t.name], out, head_inputs[t.name]
-            )
-            for name in names[t.name]:
-                if detectors.get(name).needs_images:
-                    scores[t.name][dataset][name] = _image_scores(
-                        config, t, name, states[t.name][name], dataset, head_inputs[t.name],
-                        perturb_cap if perturb_cap > 0 else len(out["logits"]),
-                    )  # fmt: skip
+        total = sum(len(names[t.name]) for t in trained)
+        with Progress(
+            f"score {dataset}", total, unit="detector", enabled=jax.process_index() == 0
+        ) as bar:
+            for t in trained:
+                out = outputs[t.name]
+                sizes.setdefault(t.name, {})[dataset] = len(out["logits"])
+                logits[t.name][dataset] = out["logits"]
+                scores[t.name][dataset] = _score_all(
+                    t, names[t.name], states[t.name], out, head_inputs[t.name]
+                )
+                bar.update(len(scores[t.name][dataset]), run=t.name)
+                for name in names[t.name]:
+                    if detectors.get(name).needs_images:
+                        scores[t.name][dataset][name] = _image_scores(
+                            states[t.name][name], name, apply_fns[t.name], images,
+                            head_inputs[t.name], config.eval_batch_size,
+                        )  # fmt: skip
+                        bar.update(1, run=t.name, detector=name)
 
     results = []
     for t in trained:

@@ -94,8 +94,10 @@ def plot_histograms(results, scores, ood: str, path: str, pairings) -> str:
         both = np.concatenate([a, b])
         lo, hi = np.percentile(both, 0.5), np.percentile(both, 99.5)
         bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 50)
-        ax.hist(np.clip(a, lo, hi), bins=bins, alpha=0.6, density=True, label=f"{in_name} (in)")
-        ax.hist(np.clip(b, lo, hi), bins=bins, alpha=0.6, density=True, label=f"{ood} (out)")
+        for values, label in ((a, f"{in_name} (in)"), (b, f"{ood} (out)")):
+            # np.histogram + stairs: one artist per histogram (ax.hist draws a patch per bin).
+            counts, _ = np.histogram(np.clip(values, lo, hi), bins=bins, density=True)
+            ax.stairs(counts, bins, fill=True, alpha=0.6, label=label)
         ax.set_title(_label(loss, score), fontsize=10)
         ax.set_xlabel("score (higher = more in-distribution)", fontsize=8)
         ax.legend(fontsize=7)

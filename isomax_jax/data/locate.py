@@ -32,6 +32,8 @@ pipelines can be tested with generated examples.
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
 import pathlib
 import shutil
@@ -178,12 +180,18 @@ def _build(name: str, build_dir: pathlib.Path, manual_dir, download: bool):
         download_dir = tmp_downloads = pathlib.Path(tempfile.mkdtemp(prefix="isomax_tfds_dl_"))
     try:
         builder = _tfds_builder(name, build_dir)
-        builder.download_and_prepare(
-            download_dir=os.fspath(download_dir),
-            download_config=tfds.download.DownloadConfig(
-                manual_dir=os.fspath(manual_dir) if manual_dir is not None else None
-            ),
-        )
+        printed = io.StringIO()
+        # tfds prints its "Downloading and preparing ..." banners: send them to logging (INFO).
+        with contextlib.redirect_stdout(printed):
+            builder.download_and_prepare(
+                download_dir=os.fspath(download_dir),
+                download_config=tfds.download.DownloadConfig(
+                    manual_dir=os.fspath(manual_dir) if manual_dir is not None else None
+                ),
+            )
+        for line in printed.getvalue().splitlines():
+            if line.strip():
+                logging.info("tfds: %s", line.strip())
     except BaseException:
         _remove_leftovers(created)
         raise
