@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The default experiment: SoftMax vs IsoMax vs IsoMax+ on CIFAR-10 with a small ResNet, evaluated
 # against TinyImageNet (resize, crop), MNIST, Omniglot, textures and noise; writes the report to
-# runs/default/results.md (+ results.json, plots/, tensorboard/). About 18 minutes on 2 CPU cores (measured: 18 min 9 s).
+# runs/default/results.md (+ results.json, plots/, tensorboard/). About 27 minutes on 2 CPU cores
+# (measured 27 min 29 s: training 20.7 min, evaluation 6.2 min; docs/default_experiment.md).
 #
 # Data: the offline copies in ../shared/data/{tfds,raw} when present, else tfds's defaults
 # (TFDS_DATA_DIR or ~/tensorflow_datasets, downloading on a connected machine).
