@@ -49,9 +49,10 @@ class Evaluation:
 
 
 def applicable_detectors(config: Any, head: str) -> list[str]:
-    """The detectors scored for a model with `head`: `config.detectors` (all if empty),
-    those that apply to the head, in registry order."""
-    names = config.detectors or detectors.NAMES
+    """The detectors scored for a model with `head`: `config.detectors` (all if empty) plus the
+    head's paper scores (the report's headline always needs them), those that apply to the
+    head, in registry order."""
+    names = set(config.detectors or detectors.NAMES) | set(registry.HEADS[head].paper_scores)
     return [n for n in detectors.NAMES if n in names and detectors.get(n).applies_to(head)]
 
 

@@ -134,7 +134,9 @@ def train_one(
     plan = training_plan(config, len(images))
     total = plan["total_steps"]
     model, state = initial_state(config, plan, loss=loss, seed=seed)
-    checkpointing.write_run_metadata(run_dir, config=config, seed=seed)
+    checkpointing.write_run_metadata(
+        run_dir, config=config, seed=seed, ignore_keys=validate.EVALUATION_ONLY_KEYS
+    )
     ckpt = checkpointing.RunCheckpointer(run_dir, save_every_steps=config.checkpoint_every_steps)
     state = ckpt.restore_latest(state)
     start = int(state.step)

@@ -44,7 +44,7 @@ import os
 import pathlib
 import platform
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -136,7 +136,13 @@ def _differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> lis
     return lines
 
 
-def write_run_metadata(workdir: str | pathlib.Path, *, config: Any, seed: int) -> dict[str, Any]:
+def write_run_metadata(
+    workdir: str | pathlib.Path,
+    *,
+    config: Any,
+    seed: int,
+    ignore_keys: Collection[str] = (),
+) -> dict[str, Any]:
     """Records config, seed, versions and device layout in ``workdir/run.json``.
 
     A resumed run appends a new entry to ``starts`` (versions and layout may change between
@@ -148,6 +154,9 @@ def write_run_metadata(workdir: str | pathlib.Path, *, config: Any, seed: int) -
       config: ``ml_collections.ConfigDict``, dataclass or mapping (stored as JSON; values that are
         not JSON types are stored as their ``str``).
       seed: the run's seed.
+      ignore_keys: top-level config keys that may differ from the recorded ones (settings that
+        do not change what is trained, e.g. evaluation options or data locations); a start that
+        changes them records the new values in its ``starts`` entry under ``config_changes``.
 
     Returns:
       The metadata dict (as written by process 0).
@@ -169,8 +178,21 @@ def write_run_metadata(workdir: str | pathlib.Path, *, config: Any, seed: int) -
     }
     if path.exists():
         meta = json.loads(path.read_text())
-        recorded = {"config": meta.get("config"), "seed": meta.get("seed")}
-        diff = _differences(recorded, {"config": config_dict, "seed": seed})
+        recorded_config = dict(meta.get("config") or {})
+        ignored = set(ignore_keys)
+        changes = {
+            k: config_dict.get(k)
+            for k in sorted(ignored & (set(recorded_config) | set(config_dict)))
+            if recorded_config.get(k) != config_dict.get(k)
+        }
+        if changes:
+            start["config_changes"] = changes
+        recorded = {
+            "config": {k: v for k, v in recorded_config.items() if k not in ignored},
+            "seed": meta.get("seed"),
+        }
+        current = {k: v for k, v in config_dict.items() if k not in ignored}
+        diff = _differences(recorded, {"config": current, "seed": seed})
         if diff:
             raise ValueError(
                 f"{path} records a different run; {len(diff)} setting(s) differ (recorded -> "

@@ -127,6 +127,20 @@ def test_run_metadata_mismatch_names_every_key(tmp_path):
     assert len(meta["starts"]) == 2
 
 
+def test_run_metadata_ignore_keys_may_change_and_are_recorded(tmp_path):
+    config = {"lr": 0.1, "ood": ["mnist"], "data_dir": "/a"}
+    checkpointing.write_run_metadata(tmp_path, config=config, seed=0, ignore_keys=("ood",))
+    changed = {"lr": 0.1, "ood": ["mnist", "svhn"], "data_dir": "/b"}
+    with pytest.raises(ValueError, match="config.data_dir: '/a' -> '/b'") as info:
+        checkpointing.write_run_metadata(tmp_path, config=changed, seed=0, ignore_keys=("ood",))
+    assert "config.ood" not in str(info.value)
+    meta = checkpointing.write_run_metadata(
+        tmp_path, config=changed, seed=0, ignore_keys=("ood", "data_dir")
+    )
+    assert meta["config"] == config  # the recorded (first) config stays
+    assert meta["starts"][-1]["config_changes"] == {"data_dir": "/b", "ood": ["mnist", "svhn"]}
+
+
 def test_versions_is_one_record():
     got = checkpointing.versions()
     assert got["jax"] == jax.__version__ and got["python"].count(".") == 2

@@ -301,6 +301,10 @@ def test_changed_config_in_an_existing_workdir_names_the_keys(finished, mock_dat
     assert "learning_rate: recorded 0.2, now 0.05" in message
     assert "weight_decay: recorded 0.0005, now 0.0001" in message
     assert "detectors" not in message  # evaluation-only keys may change on a finished run
+    # ... and a finished run is re-evaluated with them, training nothing.
+    again = train_eval.run(tiny_config(detectors=("msp", "energy")), str(workdir))
+    assert again["runs"][0]["loss"] == "softmax"  # + its paper scores, always scored
+    assert set(again["runs"][0]["ood"]["mnist"]) == {"msp", "energy", "entropic"}
     assert "fresh --workdir" in message
 
 
