@@ -21,3 +21,13 @@ def test_readme_example_runs():
         namespace["params"], jnp.ones((2, 32, 32, 3)), jnp.array([0, 1], dtype=jnp.int32)
     )
     assert np.isfinite(float(loss))
+
+
+def test_readme_detectors_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    block = next(b for b in blocks if "detectors.get(" in b)
+    namespace: dict = {}
+    exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
+    score = np.asarray(namespace["ood_score"])
+    assert score.shape == (8,)
+    assert np.all(np.isfinite(score))
