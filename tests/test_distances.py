@@ -341,15 +341,8 @@ def test_safe_helpers():
     assert float(jax.grad(distances.safe_abs)(3.0)) == 1.0
 
 
-def test_exact_gradient_accurate_near_a_prototype():
-    """The nearest-prototype term uses exact differences: no cancellation as d -> 0."""
-    rng = np.random.default_rng(11)
-    p = rng.normal(size=(6, 256)).astype(np.float32)
-    u = rng.normal(size=(3, 256))
-    u /= np.linalg.norm(u, axis=1, keepdims=True)
-    norm = np.linalg.norm(p[0])
-    f = (p[[0, 1, 2]] + np.array([[1e-2], [1e-3], [1e-4]]) * norm * u).astype(np.float32)
-    weights = rng.normal(size=(3, 6))
+def _assert_gradients_match_float64(f, p, weights):
+    """Gradients of ``sum(weights * pairwise_distance(f, p))`` against float64 unit differences."""
 
     def loss(f, p):
         return jnp.sum(weights * pairwise_distance(f, p))
@@ -361,6 +354,19 @@ def test_exact_gradient_accurate_near_a_prototype():
     ref_p = -np.einsum("ij,ijk->jk", weights, unit)
     for got, ref in ((grad_f, ref_f), (grad_p, ref_p)):
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_exact_gradient_accurate_near_a_prototype():
+    """The nearest-prototype term uses exact differences: no cancellation as d -> 0."""
+    rng = np.random.default_rng(11)
+    p = rng.normal(size=(6, 256)).astype(np.float32)
+    u = rng.normal(size=(3, 256))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    norm = np.linalg.norm(p[0])
+    f = (p[[0, 1, 2]] + np.array([[1e-2], [1e-3], [1e-4]]) * norm * u).astype(np.float32)
+    weights = rng.normal(size=(3, 6))
+
+    _assert_gradients_match_float64(f, p, weights)
 
 
 def test_exact_gradient_accurate_near_two_duplicate_prototypes():
@@ -372,13 +378,4 @@ def test_exact_gradient_accurate_near_two_duplicate_prototypes():
     f = (p[:1] + 1e-3 * u[1:]).astype(np.float32)
     weights = rng.normal(size=(2, 6))
 
-    def loss(f, p):
-        return jnp.sum(weights * pairwise_distance(f, p))
-
-    grad_f, grad_p = jax.jit(jax.grad(loss, argnums=(0, 1)))(f, p)
-    diff = f.astype(np.float64)[:, None, :] - p.astype(np.float64)[None, :, :]
-    unit = diff / np.linalg.norm(diff, axis=-1, keepdims=True)
-    ref_f = np.einsum("ij,ijk->ik", weights, unit)
-    ref_p = -np.einsum("ij,ijk->jk", weights, unit)
-    for got, ref in ((grad_f, ref_f), (grad_p, ref_p)):
-        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    _assert_gradients_match_float64(f, p, weights)
