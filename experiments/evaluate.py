@@ -266,13 +266,13 @@ def evaluate_runs(
         del fit_out
 
     perturb_cap = config.perturbation_max_examples
+    perturb = any(detectors.get(n).needs_images for ns in names.values() for n in ns)
     all_sets = (config.dataset, *config.ood_datasets)
     logits: dict[str, dict[str, np.ndarray]] = {t.name: {} for t in trained}
     scores: dict[str, dict[str, dict[str, np.ndarray]]] = {t.name: {} for t in trained}
     accuracy, sizes = {}, {}
     for dataset in all_sets:
         batches = _eval_batches(config, dataset)
-        perturb = any(detectors.get(n).needs_images for ns in names.values() for n in ns)
         outputs, _, acc, images = forward.run(
             batches, len(batches), f"evaluate {dataset}", cap,
             keep_images=(perturb_cap if perturb_cap > 0 else 1 << 62) if perturb else 0,
