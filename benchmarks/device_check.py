@@ -7,9 +7,10 @@ Parts (each fails soft: the error is printed and recorded, the next part runs; e
 budget; a watchdog writes the JSON and exits if the whole run overruns ``--hard-limit``):
 
 * ``env``: JAX version, devices, ``device_kind`` and the chip's peak TFLOP/s (:data:`PEAKS`).
-* ``throughput``: training and evaluation images/s of resnet34, densenet_bc100 and wrn28_10
-  (IsoMax head) in float32 and bfloat16 at batch 128 and 512; achieved TFLOP/s from
-  ``compiled.cost_analysis()`` flops / measured time against the peak; the compiled temporary
+* ``throughput``: training and evaluation images/s of resnet34, wrn28_10 and densenet_bc100
+  (IsoMax head) in float32 and bfloat16 at batch 128 and 512; achieved TFLOP/s from the
+  convolution and matrix-product flops of the program (:func:`matmul_flops`) / measured time
+  against the peak; the compiled temporary
   memory of each train step (the bfloat16 / float32 ratio for resnet34 at batch 128 is the
   mixed-precision memory figure); the bfloat16-vs-float32 difference of the first training
   loss and of the evaluation features on the same weights and batch.
@@ -188,19 +189,54 @@ def _lower_configuration(name: str, dtype_name: str, batch: int, tx):
     lowered_train = step.lower(*state, images, labels, 0.0)
     forward = jax.jit(lambda v, x: model.apply(v, x, return_features=True))
     lowered_eval = forward.lower(variables, images)
-    return lowered_train, lowered_eval, (variables, opt_state, images, labels)
+    flops = {
+        "train": matmul_flops(jax.make_jaxpr(step)(*state, images, labels, 0.0).jaxpr),
+        "eval": matmul_flops(jax.make_jaxpr(forward)(variables, images).jaxpr),
+    }
+    return lowered_train, lowered_eval, (variables, opt_state, images, labels, flops)
 
 
-def _flops(compiled) -> float:
-    """Flops of one call from XLA's cost analysis (a dict, or a list of one in older JAX)."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, list | tuple):
-        analysis = analysis[0] if analysis else {}
-    return float((analysis or {}).get("flops", math.nan))
+def matmul_flops(jaxpr) -> float:
+    """Flops of the convolutions and matrix products of a jaxpr (2 per multiply-add).
+
+    Counted from the program itself, so the figure is the same on every backend: XLA's cost
+    analysis of a compiled GPU program counts the cuDNN convolutions as 0 flops, and that of a
+    lowered one is empty there (jax 0.11, H200). Elementwise work is left out: the peaks in
+    :data:`PEAKS` are matrix-unit peaks. Sub-programs are followed (``jit``, ``custom_jvp`` and
+    ``custom_vjp``, ``remat``; a ``scan`` body counts ``length`` times, the costliest branch of
+    a ``cond`` once, a ``while`` body once).
+    """
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval
+            total += (
+                2.0
+                * math.prod(eqn.outvars[0].aval.shape)
+                * math.prod(lhs.shape[d] for d in contract)
+            )
+        elif name == "conv_general_dilated":
+            rhs, spec = eqn.invars[1].aval, eqn.params["dimension_numbers"].rhs_spec
+            per_output = rhs.shape[spec[1]] * math.prod(rhs.shape[d] for d in spec[2:])
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
+        subs = []
+        for value in eqn.params.values():
+            values = value if isinstance(value, tuple | list) else (value,)
+            subs.append([getattr(v, "jaxpr", v) for v in values if hasattr(v, "eqns")
+                         or hasattr(getattr(v, "jaxpr", None), "eqns")])  # fmt: skip
+        for group in subs:
+            if not group:
+                continue
+            counts = [matmul_flops(sub) for sub in group]
+            inner = max(counts) if name == "cond" else sum(counts)
+            total += inner * (eqn.params.get("length", 1) if name == "scan" else 1)
+    return total
 
 
 def _measure(config, train_c, eval_c, inputs, args, peak) -> dict:
-    variables, opt_state, images, labels = inputs
+    variables, opt_state, images, labels, flops = inputs
     outputs = {}
 
     def run_eval():
@@ -225,9 +261,9 @@ def _measure(config, train_c, eval_c, inputs, args, peak) -> dict:
         "eval_images_per_s": batch / t_eval,
         "train_step_ms": 1e3 * t_train,
         "eval_step_ms": 1e3 * t_eval,
-        "train_tflops": _flops(train_c) / t_train / 1e12,
-        "eval_tflops": _flops(eval_c) / t_eval / 1e12,
-        "train_gflop_per_image": _flops(train_c) / batch / 1e9,
+        "train_tflops": flops["train"] / t_train / 1e12,
+        "eval_tflops": flops["eval"] / t_eval / 1e12,
+        "train_gflop_per_image": flops["train"] / batch / 1e9,
         "train_temp_mib": train_c.memory_analysis().temp_size_in_bytes / 2**20,
         "first_loss": float(first["loss"]),
         "timed_steps": [n_train, n_eval],
@@ -244,7 +280,11 @@ def part_throughput(args, deadline: float) -> dict:
     peak = peak_tflops(device_kind)
     tx = train.reference_optimizer(1.0)
     rows, pending = [], {}
-    pool = concurrent.futures.ThreadPoolExecutor(args.compile_threads)  # XLA frees the GIL
+    threads = args.compile_threads
+    if threads < 0:
+        threads = 0 if jax.default_backend() == "gpu" else min(8, os.cpu_count() or 1)
+    # XLA frees the GIL while compiling; with 0 threads each configuration compiles on its own.
+    pool = concurrent.futures.ThreadPoolExecutor(max(threads, 1))
 
     def measure(future):
         config, inputs = pending.pop(future)
@@ -279,6 +319,8 @@ def part_throughput(args, deadline: float) -> dict:
                     future = pool.submit(lambda a, b: (a.compile(), b.compile()), lowered_train,
                                          lowered_eval)  # fmt: skip
                     pending[future] = (config, inputs)
+                    if threads == 0:
+                        concurrent.futures.wait([future], max(0.0, deadline - time.monotonic()))
                 except Exception as error:  # noqa: BLE001
                     rows.append({**config, "error": f"{type(error).__name__}: {error}"})
                     log(f"  {name} {dtype_name} b{batch}: lowering failed: {error}")
@@ -553,12 +595,18 @@ def parse_args(argv=None):
     p.add_argument("--out", default="device_check.json", help="JSON of every figure")
     p.add_argument("--smoke", action="store_true", help="tiny everything, CPU, mock data")
     p.add_argument("--only", default="throughput,cifar", help="comma-separated parts")
-    p.add_argument("--models", default="resnet34,densenet_bc100,wrn28_10")
+    p.add_argument("--models", default="resnet34,wrn28_10,densenet_bc100")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--batches", default="128,512")
     p.add_argument("--min-seconds", type=float, default=1.0, help="timing per configuration")
     p.add_argument("--max-iters", type=int, default=50)
-    p.add_argument("--compile-threads", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument(
+        "--compile-threads", type=int, default=-1,
+        help="threads compiling ahead of the measurements; 0 compiles each configuration just "
+        "before measuring it; -1 (default): 0 on GPUs, whose autotuning runs kernels on the "
+        "device being timed (and serialises concurrent compiles: on an H200, 8 threads "
+        "finished 2 of 12 configurations in 150 s), else min(8, CPUs)",
+    )  # fmt: skip
     p.add_argument("--throughput-budget", type=float, default=130.0)
     p.add_argument("--cifar-budget", type=float, default=320.0)
     p.add_argument("--hard-limit", type=float, default=475.0, help="watchdog, whole run (s)")
