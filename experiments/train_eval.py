@@ -11,6 +11,7 @@ restored instead of trained. The flow is one way: main -> train_eval -> evaluate
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -53,13 +54,28 @@ def training_plan(config: Any, num_examples: int) -> dict[str, Any]:
     warmup = 0
     if config.schedule != "multistep":
         warmup = min(round(config.warmup_epochs * steps_per_epoch), total - 1)
+    early = round(config.early_fraction * total) if config.early_image_size else 0
     return {
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total,
         "epochs": total / steps_per_epoch,
         "warmup_steps": warmup,
         "lr_milestones_steps": [round(f * total) for f in config.lr_boundaries],
+        "early_steps": early,
+        "early_image_size": config.early_image_size if early else None,
     }
+
+
+@functools.partial(jax.jit, static_argnames="size")
+def downscale(images: jax.Array, size: int) -> jax.Array:
+    """``[b, H, W, C]`` images resized to ``[b, size, size, C]`` (bilinear, antialiased).
+
+    The early steps of a progressive-resizing schedule (`config.early_image_size`) train on
+    the augmented batches shrunk by this, on the devices they are sharded over; the network (all
+    convolutions and a global average pool) takes any size.
+    """
+    b, _, _, c = images.shape
+    return jax.image.resize(images, (b, size, size, c), method="linear", antialias=True)
 
 
 def make_schedule(config: Any, plan: dict[str, Any]):
@@ -176,6 +192,8 @@ def train_one(
     )
     with batches, bar:
         for step, batch in zip(range(start, total), device_batches, strict=True):
+            if step < plan["early_steps"]:
+                batch = {**batch, "image": downscale(batch["image"], config.early_image_size)}
             state, metrics = step_fn(state, batch)
             if pending:  # wait for the previous step only: the device always has work queued
                 jax.block_until_ready(pending[-1])

@@ -50,6 +50,8 @@ _KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "schedule": (lambda v: v in _SCHEDULES, f"one of {list(_SCHEDULES)}"),
     "learning_rate": (lambda v: _is_number(v) and v > 0, "a number > 0"),
     "warmup_epochs": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "early_image_size": (lambda v: _is_int(v) and (v == 0 or v >= 8), "0 (off) or an int >= 8"),
+    "early_fraction": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "lr_boundaries": (
         lambda v: (
             isinstance(v, tuple | list)
@@ -186,6 +188,7 @@ def check(config, workdir: str, *, mode: str, device_count: int, process_count: 
     """
     from isomax_jax import data as data_lib
     from isomax_jax import detectors, metrics, models, registry
+    from isomax_jax.data import pipelines as data_pipelines
 
     problems = []
     missing = [k for k in _KEYS if k not in config]
@@ -224,6 +227,11 @@ def check(config, workdir: str, *, mode: str, device_count: int, process_count: 
             problems.append(
                 _problem("warmup_epochs", config.warmup_epochs, f"< num_epochs={config.num_epochs}")
             )
+    image_size = data_pipelines.IMAGE_SIZE
+    if config.early_image_size >= image_size:
+        problems.append(
+            _problem("early_image_size", config.early_image_size, f"< the image size {image_size}")
+        )
     if problems:
         raise ConfigError(_message(problems))
     problems += _workdir_problems(config, workdir, mode)

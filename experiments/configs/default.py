@@ -51,6 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.schedule = "warmup_linear"  # "warmup_linear", "warmup_cosine" or "multistep"
     config.learning_rate = 0.2  # the peak rate (warm-up schedules) or the initial rate
     config.warmup_epochs = 0.9
+    # Progressive resizing: the first `early_fraction` of the steps train on the augmented images
+    # downscaled to `early_image_size` pixels (0: off), the rest at full size.
+    config.early_image_size = 24
+    config.early_fraction = 2.0 / 3.0
     config.lr_boundaries = (0.5, 2.0 / 3.0, 5.0 / 6.0)  # "multistep" only: fractions of training
     config.lr_decay_factor = 0.1  # "multistep" only
     config.momentum = 0.9
