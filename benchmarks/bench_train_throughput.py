@@ -19,6 +19,11 @@ under ``jax.jit`` (state donated), NHWC. PyTorch: ``tests/parity/torch_models.py
 ``robust_deep_learning.IsoMaxLossSecondPart`` + ``torch.optim.SGD``, NCHW (or channels-last),
 ``torch.set_num_threads(threads)``.
 
+Both frameworks are timed at each of ``--image-sizes`` (default 32 and 24 px): the default
+experiment trains its first 2/3 of the steps on images downscaled to 24 px (progressive resizing,
+``experiments/configs/default.py``) and the rest at 32 px, so the last summary line gives the
+images/s of that whole recipe for JAX and for PyTorch running the same recipe, and their ratio.
+
 Defaults: every CPU of the machine per run (pass ``--threads 1`` to compare one core each; with
 other jobs on the machine OpenMP spin-waits make multi-threaded PyTorch erratic), small_resnet,
 3 rounds x 6 steps (about 2 minutes on this 2-core machine); ``--models small_resnet,resnet34``
@@ -68,7 +73,7 @@ def _pin(threads: int) -> None:
     os.sched_setaffinity(0, cpus)
 
 
-def _jax_child(model_name: str, batch: int, steps: int) -> dict:
+def _jax_child(model_name: str, batch: int, steps: int, size: int = 32) -> dict:
     import jax
     import numpy as np
 
@@ -87,7 +92,7 @@ def _jax_child(model_name: str, batch: int, steps: int) -> dict:
     mesh = parallel.data_mesh()
     rng = np.random.default_rng(0)
     host = {
-        "image": rng.normal(size=(batch, 32, 32, 3)).astype(np.float32),
+        "image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
         "label": rng.integers(0, 10, batch).astype(np.int32),
     }
     data = parallel.shard_batch(host, mesh)
@@ -106,7 +111,9 @@ def _jax_child(model_name: str, batch: int, steps: int) -> dict:
     return {"first_step_s": first, "times": times, "devices": len(jax.devices())}
 
 
-def _torch_child(model_name: str, batch: int, steps: int, variant: str, threads: int) -> dict:
+def _torch_child(
+    model_name: str, batch: int, steps: int, variant: str, threads: int, size: int = 32
+) -> dict:
     import numpy as np
     import torch
 
@@ -123,7 +130,7 @@ def _torch_child(model_name: str, batch: int, steps: int, variant: str, threads:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
     rng = np.random.default_rng(0)
-    images = torch.from_numpy(rng.normal(size=(batch, 3, 32, 32)).astype(np.float32))
+    images = torch.from_numpy(rng.normal(size=(batch, 3, size, size)).astype(np.float32))
     labels = torch.from_numpy(rng.integers(0, 10, batch)).long()
     if variant == "channels_last":
         model = model.to(memory_format=torch.channels_last)
@@ -227,13 +234,15 @@ def _child(args) -> None:
     elif args.child == "conv-torch":
         out = _conv_child("torch", args.batch, args.steps, args.threads)
     elif args.child == "jax":
-        out = _jax_child(args.model, args.batch, args.steps)
+        out = _jax_child(args.model, args.batch, args.steps, args.image_size)
     else:
-        out = _torch_child(args.model, args.batch, args.steps, args.variant, args.threads)
+        out = _torch_child(
+            args.model, args.batch, args.steps, args.variant, args.threads, args.image_size
+        )
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def _run(kind, *, model="", variant="", batch, steps, threads, timeout) -> dict | None:
+def _run(kind, *, model="", variant="", batch, steps, threads, timeout, size=32) -> dict | None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
     env["JAX_PLATFORMS"] = "cpu"
@@ -247,7 +256,7 @@ def _run(kind, *, model="", variant="", batch, steps, threads, timeout) -> dict 
     env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--model", model]
     cmd += ["--variant", variant, "--batch", str(batch), "--steps", str(steps)]
-    cmd += ["--threads", str(threads)]
+    cmd += ["--threads", str(threads), "--image-size", str(size)]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -268,42 +277,71 @@ def _spread(values):
 
 
 def _bench_models(args) -> None:
+    sizes = [int(x) for x in args.image_sizes.split(",")]
     for model in args.models.split(","):
         steps = args.steps or DEFAULT_STEPS.get(model, 3)
         rounds = args.rounds or DEFAULT_ROUNDS.get(model, 1)
-        ips = {}  # (framework, variant) -> [images/s per round]
-        ratios = {}  # jax variant -> [ratio to torch default per round]
-        print(f"\n== {model}, batch {args.batch}, {args.threads} thread(s), {steps} timed steps")
+        ips = {}  # (framework, variant, size) -> [images/s per round]
+        ratios = {}  # (jax variant, size) -> [ratio to torch's first variant per round]
+        print(f"\n== {model}, batch {args.batch}, {args.threads} thread(s), {steps} timed steps, "
+              f"images {' and '.join(f'{x}x{x}' for x in sizes)}")  # fmt: skip
         for r in range(rounds):
-            torch_ref = None
-            for tv in args.torch_variants.split(","):
-                res = _run("torch", model=model, variant=tv, batch=args.batch, steps=steps,
-                           threads=args.threads, timeout=args.timeout)  # fmt: skip
-                if res:
-                    v = args.batch / statistics.median(res["times"])
-                    ips.setdefault(("torch", tv), []).append(v)
-                    torch_ref = v if torch_ref is None else torch_ref
-                    print(f"  round {r} torch/{tv}: {v:7.1f} img/s "
-                          f"(first step {res['first_step_s']:.1f} s)", flush=True)  # fmt: skip
-            for jv in args.jax_variants.split(","):
-                res = _run("jax", model=model, variant=jv, batch=args.batch, steps=steps,
-                           threads=args.threads, timeout=args.timeout)  # fmt: skip
-                if res:
-                    v = args.batch / statistics.median(res["times"])
-                    ips.setdefault(("jax", jv), []).append(v)
-                    if torch_ref:
-                        ratios.setdefault(jv, []).append(v / torch_ref)
-                    first = res["first_step_s"]
-                    print(f"  round {r} jax/{jv}: {v:7.1f} img/s "
-                          f"(compile+first step {first:.1f} s)", flush=True)  # fmt: skip
+            for size in sizes:
+                torch_ref = None
+                for tv in args.torch_variants.split(","):
+                    res = _run("torch", model=model, variant=tv, batch=args.batch, steps=steps,
+                               threads=args.threads, timeout=args.timeout, size=size)  # fmt: skip
+                    if res:
+                        v = args.batch / statistics.median(res["times"])
+                        ips.setdefault(("torch", tv, size), []).append(v)
+                        torch_ref = v if torch_ref is None else torch_ref
+                        print(f"  round {r} {size}px torch/{tv}: {v:7.1f} img/s "
+                              f"(first step {res['first_step_s']:.1f} s)", flush=True)  # fmt: skip
+                for jv in args.jax_variants.split(","):
+                    res = _run("jax", model=model, variant=jv, batch=args.batch, steps=steps,
+                               threads=args.threads, timeout=args.timeout, size=size)  # fmt: skip
+                    if res:
+                        v = args.batch / statistics.median(res["times"])
+                        ips.setdefault(("jax", jv, size), []).append(v)
+                        if torch_ref:
+                            ratios.setdefault((jv, size), []).append(v / torch_ref)
+                        first = res["first_step_s"]
+                        print(f"  round {r} {size}px jax/{jv}: {v:7.1f} img/s "
+                              f"(compile+first step {first:.1f} s)", flush=True)  # fmt: skip
         print(f"-- {model} summary (median over {rounds} round(s); spread = half range)")
-        print(f"   {'config':<22}{'img/s':>9}{'spread':>9}{'JAX/torch':>11}")
-        for (fw, var), vals in ips.items():
+        print(f"   {'config':<28}{'img/s':>9}{'spread':>9}{'JAX/torch':>11}")
+        for (fw, var, size), vals in ips.items():
             ratio = ""
-            if fw == "jax" and var in ratios:
-                ratio = f"{statistics.median(ratios[var]):.2f}x"
-            print(f"   {fw + '/' + var:<22}{statistics.median(vals):9.1f}{_spread(vals):>9}"
-                  f"{ratio:>11}")  # fmt: skip
+            if fw == "jax" and (var, size) in ratios:
+                ratio = f"{statistics.median(ratios[(var, size)]):.2f}x"
+            print(f"   {f'{fw}/{var} {size}px':<28}{statistics.median(vals):9.1f}"
+                  f"{_spread(vals):>9}{ratio:>11}")  # fmt: skip
+        if len(sizes) == 2 and 0 < args.early_fraction < 1:
+            _recipe_summary(args, ips, sizes)
+
+
+def _recipe_summary(args, ips, sizes) -> None:
+    """Images/s over a whole progressive-resizing run, both frameworks on the same recipe."""
+    full, early = max(sizes), min(sizes)
+    f = args.early_fraction
+    print(f"   recipe: {f:.0%} of the steps at {early}px, the rest at {full}px "
+          "(the default experiment's), per round")  # fmt: skip
+    torch_var = args.torch_variants.split(",")[0]
+    t_full, t_early = ips.get(("torch", torch_var, full)), ips.get(("torch", torch_var, early))
+    for jv in args.jax_variants.split(","):
+        j_full, j_early = ips.get(("jax", jv, full)), ips.get(("jax", jv, early))
+        if not (t_full and t_early and j_full and j_early):
+            continue
+        rates = []
+        for tf, te, jf, je in zip(t_full, t_early, j_full, j_early, strict=False):
+            torch_rate = 1 / (f / te + (1 - f) / tf)
+            jax_rate = 1 / (f / je + (1 - f) / jf)
+            rates.append((jax_rate, torch_rate, jax_rate / torch_rate))
+        med = statistics.median(r[2] for r in rates)
+        print(
+            f"   jax/{jv} {statistics.median(r[0] for r in rates):.1f} img/s vs "
+            f"torch/{torch_var} {statistics.median(r[1] for r in rates):.1f}: {med:.2f}x"
+        )
 
 
 def _bench_conv(args) -> None:
@@ -332,6 +370,13 @@ def main() -> None:
         help="CPUs per run: PyTorch threads, JAX host devices (default: every CPU)",
     )
     parser.add_argument("--jax-variants", default="default,1device")
+    parser.add_argument(
+        "--image-sizes", default="32,24",
+        help="image sizes timed (both frameworks); the default experiment trains its first "
+        "--early-fraction of the steps at 24 px (progressive resizing), the rest at 32",
+    )  # fmt: skip
+    parser.add_argument("--early-fraction", type=float, default=2.0 / 3.0)
+    parser.add_argument("--image-size", type=int, default=32, help=argparse.SUPPRESS)
     parser.add_argument("--torch-variants", default="nchw")
     parser.add_argument("--conv", action="store_true", help="single-conv layout/dtype benchmark")
     parser.add_argument("--timeout", type=int, default=600)

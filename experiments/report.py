@@ -233,7 +233,14 @@ def markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
         f"Losses: {', '.join(loss_title(x) for x in config['losses'])}; {len(seeds)} run(s), "
         f"seeds {seeds}; {train.get('epochs', float('nan')):.3g} epochs "
         f"({train.get('steps', '?')} steps of batch {config['batch_size']}, schedule "
-        f"{config.get('schedule', 'multistep')}) per model. Created {results['created_utc']}"
+        f"{config.get('schedule', 'multistep')}"
+        + (
+            f"; the first {train['early_steps']} on images downscaled to "
+            f"{train['early_image_size']} px"
+            if train.get("early_steps")
+            else ""
+        )
+        + f") per model. Created {results['created_utc']}"
         + (f"; wall time {wall / 60:.1f} min" if wall else "")
         + f"; code {code.get('commit', 'unknown')}"
         + (" (uncommitted changes)" if code.get("dirty") else "")

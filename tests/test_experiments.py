@@ -101,6 +101,25 @@ def test_default_schedule_warms_up_then_decays_to_zero():
     assert float(schedule(0)) == 0.0
     assert float(schedule(warm)) == pytest.approx(0.2)
     assert float(schedule(plan["total_steps"])) == pytest.approx(0.0, abs=1e-7)
+    # Progressive resizing: the first 2/3 of the steps (4 of 6 epochs) at 24 px.
+    assert plan["early_steps"] == round(2 / 3 * plan["total_steps"]) == 1560
+    assert plan["early_image_size"] == 24
+    config.early_image_size = 0
+    off = train_eval.training_plan(config, 50_000)
+    assert off["early_steps"] == 0 and off["early_image_size"] is None
+
+
+def test_downscale_keeps_the_batch_and_its_content():
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(4, 32, 32, 3)).astype(np.float32)
+    small = np.asarray(train_eval.downscale(images, 24))
+    assert small.shape == (4, 24, 24, 3)
+    # Antialiased: each output pixel averages its input neighbourhood, so the per-image,
+    # per-channel means are kept up to the border weights; a constant image stays constant.
+    np.testing.assert_allclose(small.mean((1, 2)), images.mean((1, 2)), atol=0.05)
+    np.testing.assert_allclose(train_eval.downscale(np.full((1, 32, 32, 3), 0.7), 24), 0.7, 1e-6)
+    # Each image is resized on its own: a batch of one gives the same result.
+    np.testing.assert_allclose(train_eval.downscale(images[1:2], 24)[0], small[1], atol=1e-6)
 
 
 def _result(loss, seed, values):
@@ -157,6 +176,8 @@ def test_tiny_experiment_end_to_end(finished):
     assert [(r["loss"], r["seed"]) for r in results["runs"]] == [("softmax", 0), ("isomax", 0)]
     for run in results["runs"]:
         assert run["train"]["steps"] == 3 and run["num_test_examples"] == 64
+        # progressive resizing (the default config's): 2 of the 3 steps at 24 px
+        assert (run["train"]["early_steps"], run["train"]["early_image_size"]) == (2, 24)
         assert run["num_ood_examples"] == {"mnist": 64, "gaussian_noise": 64}
         assert os.listdir(workdir / records.run_name(run["loss"], 0) / "checkpoints")
         # every applicable detector was scored, ViM only for the linear head
@@ -173,7 +194,8 @@ def test_tiny_experiment_end_to_end(finished):
     saved = json.loads((workdir / "results.json").read_text())
     assert saved["runs"] == json.loads(json.dumps(results["runs"]))
     md = (workdir / "results.md").read_text()
-    for part in ("## Headline", "## Does IsoMax beat SoftMax?", "### mnist", "SoftMax's best"):
+    for part in ("## Headline", "## Does IsoMax beat SoftMax?", "### mnist", "SoftMax's best",
+                 "the first 2 on images downscaled to 24 px"):  # fmt: skip
         assert part in md, part
     pngs = sorted(os.listdir(workdir / "plots"))
     assert "summary.png" in pngs and "roc_mnist.png" in pngs
@@ -265,6 +287,9 @@ def test_multi_device_default_equals_one_device(tmp_path, mock_data):
         ({"learning_rate": -0.1}, r"config.learning_rate=-0.1: expected a number > 0"),
         ({"dataset": "cifar11"}, r"config.dataset='cifar11': expected one of"),
         ({"batch_size": 0}, r"config.batch_size=0: expected an int > 0"),
+        ({"early_image_size": 32}, r"config.early_image_size=32: expected < the image size 32"),
+        ({"early_image_size": 4}, r"config.early_image_size=4: expected 0 \(off\) or an int"),
+        ({"early_fraction": 1.0}, r"config.early_fraction=1.0: expected a number in \[0, 1\)"),
         ({"runs": 0}, r"config.runs=0: expected an int >= 1"),
         ({"detectors": ("knn", "mahalanobiss")}, r"config.detectors=.*'mahalanobiss'"),
         ({"dismax_fpr": True}, r"dismax_fpr=True needs 'dismax'"),
