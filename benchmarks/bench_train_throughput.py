@@ -276,6 +276,19 @@ def _spread(values):
     return f"±{100 * (max(values) - min(values)) / 2 / med:.0f}%"
 
 
+def _images_per_s(kind, args, model, variant, steps, size, r) -> float | None:
+    """Median images/s of one child process (printed), or None if it failed."""
+    res = _run(kind, model=model, variant=variant, batch=args.batch, steps=steps,
+               threads=args.threads, timeout=args.timeout, size=size)  # fmt: skip
+    if not res:
+        return None
+    v = args.batch / statistics.median(res["times"])
+    first = "first step" if kind == "torch" else "compile+first step"
+    print(f"  round {r} {size}px {kind}/{variant}: {v:7.1f} img/s "
+          f"({first} {res['first_step_s']:.1f} s)", flush=True)  # fmt: skip
+    return v
+
+
 def _bench_models(args) -> None:
     sizes = [int(x) for x in args.image_sizes.split(",")]
     for model in args.models.split(","):
@@ -289,25 +302,16 @@ def _bench_models(args) -> None:
             for size in sizes:
                 torch_ref = None
                 for tv in args.torch_variants.split(","):
-                    res = _run("torch", model=model, variant=tv, batch=args.batch, steps=steps,
-                               threads=args.threads, timeout=args.timeout, size=size)  # fmt: skip
-                    if res:
-                        v = args.batch / statistics.median(res["times"])
+                    v = _images_per_s("torch", args, model, tv, steps, size, r)
+                    if v:
                         ips.setdefault(("torch", tv, size), []).append(v)
                         torch_ref = v if torch_ref is None else torch_ref
-                        print(f"  round {r} {size}px torch/{tv}: {v:7.1f} img/s "
-                              f"(first step {res['first_step_s']:.1f} s)", flush=True)  # fmt: skip
                 for jv in args.jax_variants.split(","):
-                    res = _run("jax", model=model, variant=jv, batch=args.batch, steps=steps,
-                               threads=args.threads, timeout=args.timeout, size=size)  # fmt: skip
-                    if res:
-                        v = args.batch / statistics.median(res["times"])
+                    v = _images_per_s("jax", args, model, jv, steps, size, r)
+                    if v:
                         ips.setdefault(("jax", jv, size), []).append(v)
                         if torch_ref:
                             ratios.setdefault((jv, size), []).append(v / torch_ref)
-                        first = res["first_step_s"]
-                        print(f"  round {r} {size}px jax/{jv}: {v:7.1f} img/s "
-                              f"(compile+first step {first:.1f} s)", flush=True)  # fmt: skip
         print(f"-- {model} summary (median over {rounds} round(s); spread = half range)")
         print(f"   {'config':<28}{'img/s':>9}{'spread':>9}{'JAX/torch':>11}")
         for (fw, var, size), vals in ips.items():
