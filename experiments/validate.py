@@ -156,17 +156,18 @@ EVALUATION_ONLY_KEYS = frozenset({
 
 def _recorded_config_problems(path: str, config) -> list[str]:
     """The differences between a run's recorded config and this one in keys that shape training."""
+    from isomax_jax import checkpointing  # the comparison write_run_metadata makes when it starts
+
     try:
         with open(path) as f:
             recorded = json.load(f).get("config") or {}
     except (OSError, ValueError) as err:
         return [f"{path} cannot be read ({err}); move it away or use a fresh --workdir"]
-    current = json.loads(json.dumps(config.to_dict(), default=str))
-    keys = sorted((set(recorded) | set(current)) - EVALUATION_ONLY_KEYS)
     diffs = [
-        f"{k}: recorded {recorded.get(k, '<absent>')!r}, now {current.get(k, '<absent>')!r}"
-        for k in keys
-        if recorded.get(k) != current.get(k)
+        f"{key}: recorded {old!r}, now {new!r}"
+        for key, old, new in checkpointing.config_differences(
+            recorded, config, ignore_keys=EVALUATION_ONLY_KEYS
+        )
     ]
     if not diffs:
         return []

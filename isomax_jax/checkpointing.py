@@ -125,15 +125,35 @@ def _flat(value: Any, prefix: str) -> dict[str, Any]:
     return {prefix: value}
 
 
-def _differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """``"key: recorded -> current"`` for every differing leaf (dotted keys)."""
-    old, new = _flat(recorded, ""), _flat(current, "")
-    lines = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
-        if a != b:
-            lines.append(f"{key}: {a!r} -> {b!r}")
-    return lines
+def config_differences(
+    recorded: Mapping[str, Any] | None, config: Any, *, ignore_keys: Collection[str] = ()
+) -> list[tuple[str, Any, Any]]:
+    """``(key, recorded, current)`` for every setting where ``config`` differs from a recorded one.
+
+    ``config`` is normalised as :func:`write_run_metadata` stores it (JSON types; other values as
+    their ``str``); nested mappings are compared leaf by leaf under dotted keys; top-level
+    ``ignore_keys`` are left out; a side without the key reads ``"<absent>"``. Sorted by key.
+
+    Example:
+      >>> config_differences({"lr": 0.1, "opt": {"m": 0.9}}, {"lr": 0.2, "opt": {"m": 0.9}})
+      [('lr', 0.1, 0.2)]
+    """
+    ignored = set(ignore_keys)
+
+    def leaves(values: Mapping[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in values.items():
+            if key not in ignored:
+                out.update(_flat(value, str(key)))
+        return out
+
+    old = leaves(dict(recorded or {}))
+    new = leaves(json.loads(json.dumps(_config_to_dict(config), default=str)))
+    return [
+        (key, old.get(key, _ABSENT), new.get(key, _ABSENT))
+        for key in sorted(set(old) | set(new))
+        if old.get(key, _ABSENT) != new.get(key, _ABSENT)
+    ]
 
 
 def write_run_metadata(
@@ -187,12 +207,10 @@ def write_run_metadata(
         }
         if changes:
             start["config_changes"] = changes
-        recorded = {
-            "config": {k: v for k, v in recorded_config.items() if k not in ignored},
-            "seed": meta.get("seed"),
-        }
-        current = {k: v for k, v in config_dict.items() if k not in ignored}
-        diff = _differences(recorded, {"config": current, "seed": seed})
+        differences = config_differences(recorded_config, config_dict, ignore_keys=ignored)
+        diff = [f"config.{key}: {old!r} -> {new!r}" for key, old, new in differences]
+        if meta.get("seed", _ABSENT) != seed:
+            diff.append(f"seed: {meta.get('seed', _ABSENT)!r} -> {seed!r}")
         if diff:
             raise ValueError(
                 f"{path} records a different run; {len(diff)} setting(s) differ (recorded -> "
