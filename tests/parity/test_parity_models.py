@@ -16,8 +16,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("robust_deep_learning")
 
+from isomax_jax import torch_import  # noqa: E402
 from isomax_jax.models import HEADS, feature_dim, get_model, make_head  # noqa: E402
-from isomax_jax.torch_import import convert_state_dict  # noqa: E402
+from isomax_jax.torch_import import convert_state_dict, load_torch_checkpoint  # noqa: E402
 
 from .torch_models import HEADS as TORCH_HEADS  # noqa: E402
 from .torch_models import build, randomize_  # noqa: E402
@@ -97,6 +98,44 @@ def test_converted_weights_give_the_same_outputs(name, whole_head):
         flax_head = _HeadOnly(make_head(head, num_classes=NUM_CLASSES))
         head_vars = convert_state_dict(flax_head, torch_head.state_dict(), image_shape=(dim,))
         _close(flax_head.apply(head_vars, features), expected, f"{name} + {head} logits")
+
+
+def test_reference_head_keys_are_the_documented_ones():
+    """The keys of ``robust_deep_learning``'s heads (docs/isomax.md, torch_import's docstring):
+    all four store ``temperature``; IsoMax+ and DisMax store the same keys and shapes."""
+    keys = {
+        head: {k: tuple(v.shape) for k, v in TORCH_HEADS[head](8, 3).state_dict().items()}
+        for head in HEADS
+    }
+    plus = {"prototypes": (3, 8), "distance_scale": (1,), "temperature": (1,)}
+    assert keys == {
+        "softmax": {"weights": (3, 8), "bias": (3,), "temperature": (1,)},
+        "isomax": {"prototypes": (3, 8), "temperature": (1,)},
+        "isomax_plus": plus,
+        "dismax": plus,
+    }
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_saved_heads_load_into_the_reference_and_back(head, tmp_path):
+    """``save_torch_checkpoint`` files (with the head record) load strictly into the reference
+    head, and a file saved by PyTorch from it loads back into the Flax head."""
+    flax_head = _HeadOnly(make_head(head, num_classes=NUM_CLASSES, temperature=1.5))
+    shapes = jax.eval_shape(flax_head.init, jax.random.key(0), jnp.zeros((1, 8)))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+    torch_import.save_torch_checkpoint(flax_head, variables, tmp_path / "flax.pth")
+    wrapper = torch.nn.Module()
+    wrapper.classifier = TORCH_HEADS[head](8, NUM_CLASSES, temperature=1.5)
+    wrapper.load_state_dict(torch.load(tmp_path / "flax.pth", weights_only=True), strict=True)
+    features = rng.normal(size=(4, 8)).astype(np.float32)
+    with torch.no_grad():
+        expected = wrapper.classifier(torch.from_numpy(features)).numpy()
+    _close(flax_head.apply(variables, features), expected, f"{head} logits")
+
+    torch.save(wrapper.state_dict(), tmp_path / "torch.pth")
+    back = load_torch_checkpoint(flax_head, tmp_path / "torch.pth", image_shape=(8,))
+    jax.tree.map(np.testing.assert_array_equal, back["params"], variables["params"])
 
 
 def test_batch_norm_matches_torch_over_training_steps():
