@@ -1,4 +1,4 @@
-"""Results tables in the IsoMax papers' layout, as Markdown.
+"""Results tables in the IsoMax papers' layout, as Markdown, and the one Markdown table writer.
 
 Rows are OOD sets; columns are, for each metric, one column per method (a loss/score pair such
 as ``"SoftMax+ES"`` or ``"IsoMax+ES"``). Cells are percentages with two decimals, ``mean ± std``
@@ -14,6 +14,9 @@ and run::
 
 where each ``run*_metrics`` is a mapping from metric name to a fraction in [0, 1] (floats or
 scalar arrays). A single mapping instead of a list counts as one run.
+
+:func:`markdown_table` writes any table (the experiment report's tables use it with
+:func:`format_cell`).
 """
 
 from __future__ import annotations
@@ -58,6 +61,20 @@ def format_cell(values: Sequence[float], *, decimals: int = 2, ddof: int = 0) ->
     return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table: the header row, the separator, one line per row (no final newline).
+
+    Example:
+      >>> print(markdown_table(["OOD set", "AUROC"], [["SVHN", "96.60"]]))
+      | OOD set | AUROC |
+      |---|---|
+      | SVHN | 96.60 |
+    """
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def format_results_table(
     results: Mapping[str, Mapping[str, Sequence[Mapping[str, float]] | Mapping[str, float]]],
     *,
@@ -100,10 +117,7 @@ def format_results_table(
     header = ["OOD set"] + [
         f"{metric_label(m, tpr=tpr)} {meth}" for m in metrics for meth in methods
     ]
-    lines = []
-    if convention is not None:
-        lines += [f"Metrics in %, {convention} convention; mean ± std over runs.", ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for ood_set, by_method in results.items():
         row = [str(ood_set)]
         for metric in metrics:
@@ -118,5 +132,8 @@ def format_results_table(
                 if missing:
                     raise KeyError(f"{ood_set}/{method}: runs {missing} lack metric {metric!r}")
                 row.append(format_cell([run[metric] for run in runs], decimals=decimals, ddof=ddof))
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(row)
+    caption = ""
+    if convention is not None:
+        caption = f"Metrics in %, {convention} convention; mean ± std over runs.\n\n"
+    return caption + markdown_table(header, rows) + "\n"
