@@ -8,7 +8,8 @@ test accuracy and the logits and features of every example. Detectors that fit s
 augmentation, no OOD data) with their papers' default hyperparameters; every detector that
 applies to the model's head scores every set; `isomax_jax.metrics.ood_metrics` gives the
 metrics under each configured convention. Data sets are the outer loop, so each is read once for
-all the models of an experiment.
+all the models of an experiment. With one run per loss, `experiments.bootstrap` gives the
+verdicts' noise intervals.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from experiments import records
+from experiments import bootstrap, records
 from experiments.progress import Progress
 from isomax_jax import data, detectors, metrics, parallel, registry
 
@@ -137,21 +138,6 @@ class _Forward:
         return result, np.concatenate(labels)[:cap], accuracy, images
 
 
-def _split_batches(images: np.ndarray, labels: np.ndarray, dataset: str, batch_size: int):
-    """Padded, masked, normalised batches of an in-memory split (this process's rows)."""
-    mean, std = data.normalization_stats(dataset)
-    mean = np.asarray(mean, np.float32) * 255
-    scale = 1 / (np.asarray(std, np.float32) * 255)
-    per = batch_size // jax.process_count()
-    lo = jax.process_index() * per
-    for start in range(0, len(images), batch_size):
-        idx = np.arange(start + lo, start + lo + per)
-        mask = idx < len(images)
-        idx = np.where(mask, idx, 0)
-        x = (images[idx].astype(np.float32) - mean) * scale * mask[:, None, None, None]
-        yield {"image": x, "label": np.where(mask, labels[idx], -1).astype(np.int32), "mask": mask}
-
-
 def _score_all(
     run: records.TrainedRun,
     names: Sequence[str],
@@ -220,107 +206,143 @@ def metric_table(in_scores, out_scores, conventions) -> dict[str, dict[str, floa
     return table
 
 
+@dataclasses.dataclass
+class _Scored:
+    """Every set's outputs through every model, scored by each of its detectors."""
+
+    logits: dict[str, dict[str, np.ndarray]]  # run name -> set -> [N, C]
+    scores: dict[str, dict[str, dict[str, np.ndarray]]]  # run name -> set -> detector -> [N]
+    accuracy: dict[str, float]  # run name -> in-distribution test accuracy
+    sizes: dict[str, dict[str, int]]  # run name -> set -> examples evaluated
+
+
 def evaluate_runs(
     config: Any, trained: Sequence[records.TrainedRun], *, mesh: Any, workdir: str
 ) -> Evaluation:
     """Evaluates trained models on the test set and every OOD set with every detector."""
-    config_build = config.build_dir or os.path.join(workdir, "data")
-    config = _with_build_dir(config, config_build)
+    config = _with_build_dir(config, config.build_dir or os.path.join(workdir, "data"))
     forward = _Forward(trained, mesh)
-    cap = config.max_eval_examples if config.max_eval_examples > 0 else None
     names = {t.name: applicable_detectors(config, t.loss) for t in trained}
     head_inputs = {t.name: _head_inputs(t) for t in trained}
-    apply_fns = {t.name: _apply_fn(t) for t in trained}
+    states, skipped = _fit_detectors(config, trained, forward, names, head_inputs)
+    scored = _score_sets(config, trained, forward, names, states, head_inputs)
+    results = [_run_result(config, t, names[t.name], scored) for t in trained]
+    intervals = {}
+    if config.bootstrap_samples > 0 and config.runs == 1 and "softmax" in config.losses:
+        intervals = bootstrap.paired_bootstrap(config, trained, scored.scores, results)
+    return Evaluation(
+        results,
+        _plot_scores(trained, scored.scores),
+        scored.logits,
+        intervals,
+        _detector_info(names, skipped),
+    )
 
-    # Fit on the training split (no augmentation, no OOD data).
+
+def _cap(config: Any) -> int | None:
+    return config.max_eval_examples if config.max_eval_examples > 0 else None
+
+
+def _fit_detectors(config, trained, forward, names, head_inputs):
+    """Fits every detector that fits something on the training split's outputs (no
+    augmentation, no OOD data): `({run: {detector: state}}, {run: {detector: why not}})`.
+
+    A detector that cannot be fitted (e.g. a singular feature covariance) is reported and
+    removed from `names`."""
     states: dict[str, dict[str, Any]] = {t.name: {} for t in trained}
-    skipped: dict[str, dict[str, str]] = {}  # run -> detector -> why it could not be fitted
-    if any(detectors.get(n).fit_inputs for ns in names.values() for n in ns):
-        images, labels = data.load_train_split(
-            config.dataset, split=config.train_split, data_dir=config.data_dir or None,
-            download=config.download,
-        )  # fmt: skip
-        n_fit = len(images) if cap is None else min(len(images), cap)
-        batches = _split_batches(
-            images[:n_fit], labels[:n_fit], config.dataset, config.eval_batch_size
-        )
-        fit_out, fit_labels, _, _ = forward.run(
-            batches, -(-n_fit // config.eval_batch_size), "features of the training split", None
-        )
-        total = sum(len(ns) for ns in names.values())
-        with Progress(
-            "fit detectors", total, unit="detector", enabled=jax.process_index() == 0
-        ) as bar:
-            for t in trained:
-                for name in list(names[t.name]):
-                    try:
-                        states[t.name][name] = detectors.get(name).fit(
-                            features=fit_out[t.name]["features"], logits=fit_out[t.name]["logits"],
-                            labels=fit_labels, **head_inputs[t.name],
-                        )  # fmt: skip
-                    except ValueError as err:  # e.g. a singular feature covariance: report it
-                        names[t.name].remove(name)
-                        skipped.setdefault(t.name, {})[name] = str(err)
-                        logging.warning("%s: detector %s not fitted: %s", t.name, name, err)
-                    bar.update(1, run=t.name, detector=name)
-        del fit_out
+    skipped: dict[str, dict[str, str]] = {}
+    if not any(detectors.get(n).fit_inputs for ns in names.values() for n in ns):
+        return states, skipped
+    images, labels = data.load_train_split(
+        config.dataset, split=config.train_split, data_dir=config.data_dir or None,
+        download=config.download,
+    )  # fmt: skip
+    n_fit = len(images) if _cap(config) is None else min(len(images), _cap(config))
+    batches = data.EvalBatches(
+        images[:n_fit], labels[:n_fit], batch_size=config.eval_batch_size, name=config.dataset,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )  # fmt: skip
+    fit_out, fit_labels, _, _ = forward.run(
+        batches, len(batches), "features of the training split", None
+    )
+    total = sum(len(ns) for ns in names.values())
+    with Progress("fit detectors", total, unit="detector", enabled=jax.process_index() == 0) as bar:
+        for t in trained:
+            for name in list(names[t.name]):
+                try:
+                    states[t.name][name] = detectors.get(name).fit(
+                        features=fit_out[t.name]["features"], logits=fit_out[t.name]["logits"],
+                        labels=fit_labels, **head_inputs[t.name],
+                    )  # fmt: skip
+                except ValueError as err:  # e.g. a singular feature covariance: report it
+                    names[t.name].remove(name)
+                    skipped.setdefault(t.name, {})[name] = str(err)
+                    logging.warning("%s: detector %s not fitted: %s", t.name, name, err)
+                bar.update(1, run=t.name, detector=name)
+    return states, skipped
 
+
+def _score_sets(config, trained, forward, names, states, head_inputs) -> _Scored:
+    """Each set (in-distribution test set first, then the OOD sets) read once: every model's
+    outputs, then every applicable detector's scores (input-perturbation ones on the images)."""
     perturb_cap = config.perturbation_max_examples
     perturb = any(detectors.get(n).needs_images for ns in names.values() for n in ns)
-    all_sets = (config.dataset, *config.ood_datasets)
-    logits: dict[str, dict[str, np.ndarray]] = {t.name: {} for t in trained}
-    scores: dict[str, dict[str, dict[str, np.ndarray]]] = {t.name: {} for t in trained}
-    accuracy, sizes = {}, {}
-    for dataset in all_sets:
+    keep_images = (perturb_cap if perturb_cap > 0 else 1 << 62) if perturb else 0
+    apply_fns = {t.name: _apply_fn(t) for t in trained}
+    scored = _Scored({t.name: {} for t in trained}, {t.name: {} for t in trained}, {}, {})
+    for dataset in (config.dataset, *config.ood_datasets):
         batches = _eval_batches(config, dataset)
         outputs, _, acc, images = forward.run(
-            batches, len(batches), f"evaluate {dataset}", cap,
-            keep_images=(perturb_cap if perturb_cap > 0 else 1 << 62) if perturb else 0,
-        )  # fmt: skip
+            batches, len(batches), f"evaluate {dataset}", _cap(config), keep_images=keep_images
+        )
         if dataset == config.dataset:
-            accuracy = acc
+            scored.accuracy = acc
         total = sum(len(names[t.name]) for t in trained)
         with Progress(
             f"score {dataset}", total, unit="detector", enabled=jax.process_index() == 0
         ) as bar:
             for t in trained:
                 out = outputs[t.name]
-                sizes.setdefault(t.name, {})[dataset] = len(out["logits"])
-                logits[t.name][dataset] = out["logits"]
-                scores[t.name][dataset] = _score_all(
-                    t, names[t.name], states[t.name], out, head_inputs[t.name]
-                )
-                bar.update(len(scores[t.name][dataset]), run=t.name)
+                scored.sizes.setdefault(t.name, {})[dataset] = len(out["logits"])
+                scored.logits[t.name][dataset] = out["logits"]
+                by_det = _score_all(t, names[t.name], states[t.name], out, head_inputs[t.name])
+                scored.scores[t.name][dataset] = by_det
+                bar.update(len(by_det), run=t.name)
                 for name in names[t.name]:
                     if detectors.get(name).needs_images:
-                        scores[t.name][dataset][name] = _image_scores(
+                        by_det[name] = _image_scores(
                             states[t.name][name], name, apply_fns[t.name], images,
                             head_inputs[t.name], config.eval_batch_size,
                         )  # fmt: skip
                         bar.update(1, run=t.name, detector=name)
+    return scored
 
-    results = []
-    for t in trained:
-        in_scores = scores[t.name][config.dataset]
-        ood = {
-            dataset: {
-                name: metric_table(
-                    in_scores[name], scores[t.name][dataset][name], config.conventions
-                )
-                for name in names[t.name]
-            }
-            for dataset in config.ood_datasets
-        }
-        results.append(
-            records.RunResult(
-                loss=t.loss, seed=t.seed, run=t.run, train=dict(t.train),
-                accuracy=float(accuracy[t.name]), num_test_examples=sizes[t.name][config.dataset],
-                num_ood_examples={d: sizes[t.name][d] for d in config.ood_datasets},
-                ood=ood, detectors=list(names[t.name]),
+
+def _run_result(config, t: records.TrainedRun, names, scored: _Scored) -> records.RunResult:
+    """One run's accuracy and `{ood: {detector: {convention: {metric: value}}}}`."""
+    in_scores = scored.scores[t.name][config.dataset]
+    ood = {
+        dataset: {
+            name: metric_table(
+                in_scores[name], scored.scores[t.name][dataset][name], config.conventions
             )
-        )  # fmt: skip
+            for name in names
+        }
+        for dataset in config.ood_datasets
+    }
+    sizes = scored.sizes[t.name]
+    return records.RunResult(
+        loss=t.loss, seed=t.seed, run=t.run, train=dict(t.train),
+        accuracy=float(scored.accuracy[t.name]), num_test_examples=sizes[config.dataset],
+        num_ood_examples={d: sizes[d] for d in config.ood_datasets}, ood=ood,
+        detectors=list(names),
+    )  # fmt: skip
+
+
+def _plot_scores(trained, scores) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """`{loss: {set: {detector: [N]}}}` of the papers' scores of the first seed's models."""
     first_seed = min(t.seed for t in trained)
-    plot_scores = {
+    return {
         t.loss: {
             dataset: {n: s for n, s in by_det.items() if n in registry.HEADS[t.loss].paper_scores}
             for dataset, by_det in scores[t.name].items()
@@ -328,9 +350,11 @@ def evaluate_runs(
         for t in trained
         if t.seed == first_seed
     }
-    bootstrap = {}
-    if config.bootstrap_samples > 0 and config.runs == 1 and "softmax" in config.losses:
-        bootstrap = paired_bootstrap(config, trained, scores, results)
+
+
+def _detector_info(names, skipped) -> dict[str, dict[str, Any]]:
+    """Title and hyperparameters of every detector applied, and for which runs one could not
+    be fitted (and why)."""
     info = {
         n: {
             "title": detectors.get(n).title,
@@ -343,7 +367,7 @@ def evaluate_runs(
         for name, why in reasons.items():
             info.setdefault(name, {"title": detectors.get(name).title})
             info[name].setdefault("not_fitted", {})[t_name] = why
-    return Evaluation(results, plot_scores, logits, bootstrap, info)
+    return info
 
 
 def _jsonable(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -358,57 +382,3 @@ def _with_build_dir(config: Any, build_dir: str) -> Any:
     with config.unlocked():
         config.build_dir = build_dir
     return config
-
-
-def best_softmax_detector(result: records.RunResult, ood: str, metric: str) -> str:
-    """SoftMax's best detector on `ood` by `metric` (reference convention): an oracle choice
-    made on the test data, so the comparison with it is conservative for IsoMax."""
-    by_det = result.ood[ood]
-    sign = 1 if registry.METRICS[metric].higher_is_better else -1
-    return max(by_det, key=lambda n: sign * by_det[n]["reference"][metric])
-
-
-def paired_bootstrap(config, trained, scores, results) -> dict[str, Any]:
-    """95 % intervals of (IsoMax-family paired score - SoftMax's best detector) per OOD set.
-
-    The two models are scored on the same test and OOD examples, so each bootstrap replicate
-    resamples the example indices once and evaluates both methods on them (a paired bootstrap).
-    """
-    by_loss = {r.loss: r for r in results}
-    soft = by_loss["softmax"]
-    t_by_loss = {t.loss: t for t in trained}
-    rng = np.random.default_rng(config.seed)
-    out: dict[str, Any] = {"samples": config.bootstrap_samples, "level": 0.95, "intervals": {}}
-    for loss in config.losses:
-        if loss == "softmax":
-            continue
-        mine = registry.HEADS[loss].paper_scores[0]
-        for ood in config.ood_datasets:
-            for metric in ("tnr_at_tpr", "auroc"):
-                base = best_softmax_detector(soft, ood, metric)
-                a_in = scores[t_by_loss[loss].name][config.dataset][mine]
-                a_out = scores[t_by_loss[loss].name][ood][mine]
-                b_in = scores[t_by_loss["softmax"].name][config.dataset][base]
-                b_out = scores[t_by_loss["softmax"].name][ood][base]
-                n_in, n_out = min(len(a_in), len(b_in)), min(len(a_out), len(b_out))
-                i_idx = rng.integers(0, n_in, size=(config.bootstrap_samples, n_in))
-                o_idx = rng.integers(0, n_out, size=(config.bootstrap_samples, n_out))
-                diff = _bootstrap_diff(a_in, a_out, b_in, b_out, i_idx, o_idx, metric=metric)
-                diff = np.asarray(diff)
-                lo, hi = np.percentile(diff, [2.5, 97.5])
-                out["intervals"].setdefault(loss, {}).setdefault(ood, {})[metric] = {
-                    "versus": base,
-                    "low": float(lo),
-                    "high": float(hi),
-                }
-    return out
-
-
-@functools.partial(jax.jit, static_argnames=("metric",))
-def _bootstrap_diff(a_in, a_out, b_in, b_out, i_idx, o_idx, *, metric):
-    def one(ii, oi):
-        a = metrics.ood_metrics(a_in[ii], a_out[oi])[metric]
-        b = metrics.ood_metrics(b_in[ii], b_out[oi])[metric]
-        return a - b
-
-    return jax.lax.map(lambda io: one(*io), (i_idx, o_idx))

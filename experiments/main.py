@@ -105,8 +105,8 @@ def main(argv):
     # JAX (and everything that imports it) is imported only now: XLA reads its flags once.
     import jax
 
-    from experiments import train_eval, validate
-    from isomax_jax import checkpointing, distributed
+    from experiments import train_eval, training, validate
+    from isomax_jax import checkpointing, distributed, locking
 
     # Multi-process runs (ISOMAX_COORDINATOR_ADDRESS/..., Slurm, Open MPI, multi-host Cloud TPU)
     # are initialised before any other JAX call; a single process is left as it is.
@@ -118,8 +118,8 @@ def main(argv):
         train_eval.run(config, FLAGS.workdir, mode=FLAGS.mode)
     except (
         validate.ConfigError,
-        train_eval.TrainingDivergedError,
-        checkpointing.WorkdirLockedError,
+        training.TrainingDivergedError,
+        locking.WorkdirLockedError,
         checkpointing.CheckpointCorruptedError,
     ) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

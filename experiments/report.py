@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import report_plots, verdicts
+from experiments import report_plots, summaries, verdicts
 from experiments.records import RunResult, run_name
 from isomax_jax import registry, tables
 
@@ -38,31 +38,6 @@ def loss_title(loss: str) -> str:
     return registry.HEADS[loss].title if loss in registry.HEADS else loss
 
 
-def _stats(values: Sequence[float]) -> dict[str, Any]:
-    """Mean and population standard deviation (ddof=0, as `isomax_jax.tables`) of `values`."""
-    arr = np.asarray(values, dtype=np.float64)
-    return {"mean": float(arr.mean()), "std": float(arr.std()), "values": [float(v) for v in arr]}
-
-
-def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Mean ± std over runs of accuracy and of every (loss, OOD set, detector, convention,
-    metric)."""
-    losses = list(dict.fromkeys(run["loss"] for run in runs))
-    summary: dict[str, Any] = {"accuracy": {}, "ood": {}}
-    for loss in losses:
-        mine = [run for run in runs if run["loss"] == loss]
-        summary["accuracy"][loss] = _stats([run["accuracy"] for run in mine])
-        table: dict[str, Any] = {}
-        for ood, by_det in mine[0]["ood"].items():
-            for det, by_conv in by_det.items():
-                for conv, values in by_conv.items():
-                    for metric in values:
-                        leaf = table.setdefault(ood, {}).setdefault(det, {}).setdefault(conv, {})
-                        leaf[metric] = _stats([r["ood"][ood][det][conv][metric] for r in mine])
-        summary["ood"][loss] = table
-    return summary
-
-
 def build_results(
     config: Mapping[str, Any],
     runs: Sequence[RunResult | Mapping[str, Any]],
@@ -76,7 +51,7 @@ def build_results(
 ) -> dict[str, Any]:
     """The `results.json` document."""
     runs = [r.to_json() if isinstance(r, RunResult) else dict(r) for r in runs]
-    summary = summarize(runs)
+    summary = summaries.summarize(runs)
     results = {
         "schema_version": 2,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -137,18 +112,18 @@ def compact_table(results: Mapping[str, Any], convention: str = "reference") -> 
     header = [f"OOD set ({first} / AUROC, %)", *(method(results, lo, d) for lo, d in cols)]
     if best:
         header.append("SoftMax's best detector (by AUROC)")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for ood in results["ood_datasets"]:
         cells = [ood] + [_cell(results, lo, ood, d, convention) for lo, d in cols]
         if best:
-            d = verdicts.best_detector(summary, "softmax", ood, "auroc")
+            d = summaries.best_detector(summary, "softmax", ood, "auroc")
             cells.append(
                 f"{det_title(results, d)}: {_cell(results, 'softmax', ood, d, convention)}"
             )
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
     acc = [_pct(summary["accuracy"][lo]) for lo, _ in cols]
-    lines.append("| " + " | ".join(["test accuracy", *acc] + ([""] if best else [])) + " |")
-    return "\n".join(lines)
+    rows.append(["test accuracy", *acc] + ([""] if best else []))
+    return tables.markdown_table(header, rows)
 
 
 def detector_table(results: Mapping[str, Any], ood: str, convention: str) -> str:
@@ -158,12 +133,12 @@ def detector_table(results: Mapping[str, Any], ood: str, convention: str) -> str
     names = [n for n in results["detectors"] if any(n in summary[lo][ood] for lo in losses)]
     first = "tnr_at_tpr" if convention == "reference" else "fpr_at_tpr"
     best = {
-        lo: verdicts.best_detector(results["summary"], lo, ood, "auroc", convention)
+        lo: summaries.best_detector(results["summary"], lo, ood, "auroc", convention)
         for lo in losses
     }
     label = registry.METRICS[first].label()
     header = ["detector", *(f"{loss_title(lo)} {label} / AUROC" for lo in losses)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for name in names:
         cells = [det_title(results, name)]
         for lo in losses:
@@ -172,27 +147,27 @@ def detector_table(results: Mapping[str, Any], ood: str, convention: str) -> str
                 continue
             text = _cell(results, lo, ood, name, convention)
             cells.append(f"**{text}**" if best[lo] == name else text)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return tables.markdown_table(header, rows)
 
 
 def published_table(results: Mapping[str, Any]) -> str:
     """Measured vs published TNR@TPR95 / AUROC (reference convention), where a paper has it."""
     published = results["config"].get("published") or {}
-    lines = []
+    rows = []
     for loss, cell in published.items():
         for ood, pub in (cell.get("ood") or {}).items():
             if loss not in results["summary"]["ood"] or ood not in results["ood_datasets"]:
                 continue
             measured = _cell(results, loss, ood, pub["score"])
-            lines.append(
-                f"| {ood} | {method(results, loss, pub['score'])} | {measured} | "
-                f"{pub['tnr_at_tpr']:.1f} / {pub['auroc']:.1f} | {pub['source']} |"
+            published_cell = f"{pub['tnr_at_tpr']:.1f} / {pub['auroc']:.1f}"
+            rows.append(
+                [ood, method(results, loss, pub["score"]), measured, published_cell, pub["source"]]
             )
-    if not lines:
+    if not rows:
         return ""
-    header = "| OOD set | method | measured TNR@TPR95 / AUROC | published | source |"
-    return "\n".join([header, "|---|---|---|---|---|", *lines])
+    header = ["OOD set", "method", "measured TNR@TPR95 / AUROC", "published", "source"]
+    return tables.markdown_table(header, rows)
 
 
 def _mean_of(dicts: Sequence[Mapping[str, Any]], key: str, scale: float, fmt: str) -> str:
@@ -200,24 +175,23 @@ def _mean_of(dicts: Sequence[Mapping[str, Any]], key: str, scale: float, fmt: st
     return format(scale * float(np.mean(values)), fmt) if values else ""
 
 
-def _training_table(results: Mapping[str, Any]) -> list[str]:
-    lines = [
-        "| loss | test accuracy (%) | published | train wall time (min) | s/step "
-        "| final train loss |",
-        "|---|---|---|---|---|---|",
-    ]
+def _training_table(results: Mapping[str, Any]) -> str:
+    header = ["loss", "test accuracy (%)", "published", "train wall time (min)", "s/step",
+              "final train loss"]  # fmt: skip
     published = results["config"].get("published") or {}
+    rows = []
     for loss, stats in results["summary"]["accuracy"].items():
         pub = (published.get(loss) or {}).get("accuracy")
         trains = [run["train"] for run in results["runs"] if run["loss"] == loss]
-        wall = _mean_of(trains, "wall_time_s", 1 / 60, ".1f")
-        sps = _mean_of(trains, "seconds_per_step", 1, ".3f")
-        final = _mean_of(trains, "final_train_loss", 1, ".3f")
-        pub_text = f"~{pub:.0f}" if pub else ""
-        lines.append(
-            f"| {loss_title(loss)} | {_pct(stats)} | {pub_text} | {wall} | {sps} | {final} |"
-        )
-    return lines
+        rows.append([
+            loss_title(loss),
+            _pct(stats),
+            f"~{pub:.0f}" if pub else "",
+            _mean_of(trains, "wall_time_s", 1 / 60, ".1f"),
+            _mean_of(trains, "seconds_per_step", 1, ".3f"),
+            _mean_of(trains, "final_train_loss", 1, ".3f"),
+        ])  # fmt: skip
+    return tables.markdown_table(header, rows)
 
 
 def markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
@@ -252,7 +226,7 @@ def markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
         "",
         "## Accuracy and training",
         "",
-        *_training_table(results),
+        _training_table(results),
         "",
         "## Headline (reference convention)",
         "",

@@ -156,7 +156,7 @@ EVALUATION_ONLY_KEYS = frozenset({
 
 def _recorded_config_problems(path: str, config) -> list[str]:
     """The differences between a run's recorded config and this one in keys that shape training."""
-    from isomax_jax import checkpointing  # the comparison write_run_metadata makes when it starts
+    from isomax_jax import run_metadata  # the comparison write_run_metadata makes when it starts
 
     try:
         with open(path) as f:
@@ -165,7 +165,7 @@ def _recorded_config_problems(path: str, config) -> list[str]:
         return [f"{path} cannot be read ({err}); move it away or use a fresh --workdir"]
     diffs = [
         f"{key}: recorded {old!r}, now {new!r}"
-        for key, old, new in checkpointing.config_differences(
+        for key, old, new in run_metadata.config_differences(
             recorded, config, ignore_keys=EVALUATION_ONLY_KEYS
         )
     ]

@@ -17,34 +17,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from experiments.summaries import best_detector, mean
 from isomax_jax import registry
 
 METRICS = ("tnr_at_tpr", "auroc")
-
-
-def _mean(summary, loss, ood, det, metric, convention="reference") -> float:
-    return summary["ood"][loss][ood][det][convention][metric]["mean"]
 
 
 def _std(summary, loss, ood, det, metric) -> float:
     return summary["ood"][loss][ood][det]["reference"][metric]["std"]
 
 
-def best_detector(
-    summary: Mapping[str, Any], loss: str, ood: str, metric: str, convention: str = "reference"
-) -> str:
-    """The detector with the best mean `metric` for `loss` on `ood`."""
-    sign = 1 if registry.METRICS[metric].higher_is_better else -1
-    by_det = summary["ood"][loss][ood]
-    return max(by_det, key=lambda d: sign * _mean(summary, loss, ood, d, metric, convention))
-
-
 def _beyond_noise(results, challenger, det, base, ood, metric) -> bool | None:
     summary = results["summary"]
     n_runs = len(summary["accuracy"][challenger]["values"])
-    diff = _mean(summary, challenger, ood, det, metric) - _mean(
-        summary, "softmax", ood, base, metric
-    )
+    diff = mean(summary, challenger, ood, det, metric) - mean(summary, "softmax", ood, base, metric)
     if n_runs > 1:
         spread = _std(summary, challenger, ood, det, metric) + _std(
             summary, "softmax", ood, base, metric
@@ -57,8 +43,13 @@ def _beyond_noise(results, challenger, det, base, ood, metric) -> bool | None:
         .get(ood, {})
         .get(metric)
     )
-    if interval is None or interval.get("versus") != base:
+    if interval is None:
         return None
+    if interval["versus"] != base:  # both come from `summaries.best_detector`: a bug if not
+        raise ValueError(
+            f"the bootstrap interval of {challenger} on {ood} ({metric}) is against "
+            f"{interval['versus']!r}, the verdict against {base!r}"
+        )
     return interval["low"] > 0 or interval["high"] < 0
 
 
@@ -68,8 +59,8 @@ def _compare(results, challenger, ood, det_for_metric) -> dict[str, Any]:
     for metric in METRICS:
         det = det_for_metric(metric)
         base = best_detector(summary, "softmax", ood, metric)
-        mine = _mean(summary, challenger, ood, det, metric)
-        theirs = _mean(summary, "softmax", ood, base, metric)
+        mine = mean(summary, challenger, ood, det, metric)
+        theirs = mean(summary, "softmax", ood, base, metric)
         wins.append(mine > theirs)
         detail[metric] = {
             "challenger": det,

@@ -7,6 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from isomax_jax import data
+from isomax_jax.data import testing
 
 STATS = {
     k: (np.array(m, np.float32), np.array(s, np.float32))
@@ -44,7 +45,7 @@ def cifar_test(shared_tfds_dir):
 @pytest.fixture(scope="module")
 def mock_train():
     """A mocked CIFAR-10 training split of 96 examples, decoded once (no shared data needed)."""
-    with tfds.testing.mock_data(num_examples=96):
+    with testing.mock_data(num_examples=96):
         images, labels = data.load_train_split("cifar10")
     return np.asarray(images), np.asarray(labels)
 
@@ -128,8 +129,38 @@ def test_train_processes_split_every_global_batch(mock_train):
             np.testing.assert_array_equal(joined, full[step][key])  # same global batch
 
 
+@pytest.mark.parametrize("process_count", [1, 3])
+def test_eval_batches_cover_an_in_memory_split_once_in_order(mock_train, process_count):
+    images, labels = mock_train[0][:50], mock_train[1][:50]
+    parts = [
+        list(
+            data.EvalBatches(
+                images, labels, batch_size=12, name="cifar10", process_index=i,
+                process_count=process_count,
+            )
+        )
+        for i in range(process_count)
+    ]  # fmt: skip
+    assert [len(p) for p in parts] == [5] * process_count  # ceil(50 / 12) on every process
+    joined = {
+        key: np.concatenate([np.concatenate([p[k][key] for p in parts]) for k in range(5)])
+        for key in ("image", "label", "mask")
+    }
+    assert joined["mask"].tolist() == [True] * 50 + [False] * 10  # global order, then padding
+    np.testing.assert_array_equal(joined["label"], np.concatenate([labels, np.full(10, -1)]))
+    np.testing.assert_array_equal(_unnormalise(joined["image"][:50]), images)
+    assert not joined["image"][50:].any()
+    # the normalisation of the training batches (without augmentation), bit for bit
+    plain = data.TrainBatches(images, labels, batch_size=50, seed=0, name="cifar10",
+                              augment=False, prefetch=0).batch(0)  # fmt: skip
+    order = np.argsort(np.random.default_rng([0, 0]).permutation(50))
+    np.testing.assert_array_equal(plain["image"][order], joined["image"][:50])
+    with pytest.raises(ValueError, match="multiple of the process count 3"):
+        data.EvalBatches(images, labels, batch_size=10, name="cifar10", process_count=3)
+
+
 def test_train_dataset_wraps_the_in_memory_split():
-    with tfds.testing.mock_data(num_examples=48):
+    with testing.mock_data(num_examples=48):
         with data.train_dataset("cifar10", batch_size=8, seed=0, num_devices=8) as batches:
             batch = next(batches)
         finite = data.train_dataset("cifar10", batch_size=8, seed=0, num_epochs=2, num_devices=1)
@@ -233,7 +264,7 @@ def test_counts_and_steps(shared_tfds_dir):
 
 @pytest.mark.parametrize("name,classes", [("svhn", 10), ("cifar100", 100)])
 def test_sets_not_available_offline_under_mock_data(name, classes):
-    with tfds.testing.mock_data(num_examples=10):
+    with testing.mock_data(num_examples=10):
         with data.train_dataset(name, batch_size=8, seed=0, num_devices=8) as batches:
             batch = next(batches)
         assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
@@ -330,7 +361,7 @@ def test_read_only_data_dir_builds_into_build_dir(shared_tfds_dir, tmp_path, mon
 
 @pytest.mark.parametrize("process_count", [1, 3])
 def test_eval_covers_a_mocked_split_exactly_once(process_count):
-    with tfds.testing.mock_data(num_examples=37):
+    with testing.mock_data(num_examples=37):
         ref = next(iter(tfds.as_numpy(tfds.builder("cifar10").as_dataset(split="test").batch(100))))
         outs = [
             list(

@@ -1,4 +1,4 @@
-"""The experiment layer on generated data (`tfds.testing.mock_data`: no ../shared needed).
+"""The experiment layer on generated data (`isomax_jax.data.testing.mock_data`: no ../shared).
 
 Tiny runs: train a few steps -> checkpoint -> evaluate with every detector -> report; the CLI's
 evaluate mode; two runs of the same config give identical numbers and logits; the multi-device
@@ -11,18 +11,24 @@ import json
 import math
 import os
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
-from experiments import records, report, train_eval, validate, verdicts
+from experiments import records, report, summaries, train_eval, training, validate
 from experiments.configs import default, paper
 from isomax_jax import parallel
+from isomax_jax.data import testing
 
 MOCK_EXAMPLES = 64
+# Metrics at the 95 % TPR operating point: NaN when a set is too small to resolve it.
+OPERATING_POINT = ("tnr_at_tpr", "fpr_at_tpr")
+
+
+def same(a, b) -> bool:
+    """Equal, NaN included (as `results.json` writes them)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 def tiny_config(**overrides):
@@ -45,7 +51,7 @@ def tiny_config(**overrides):
 
 @pytest.fixture
 def mock_data():
-    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    with testing.mock_data(num_examples=MOCK_EXAMPLES):
         yield
 
 
@@ -53,7 +59,7 @@ def mock_data():
 def finished(tmp_path_factory):
     """One tiny experiment, run to the end (shared by several tests)."""
     workdir = tmp_path_factory.mktemp("tiny")
-    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    with testing.mock_data(num_examples=MOCK_EXAMPLES):
         results = train_eval.run(tiny_config(), str(workdir))
     return workdir, results
 
@@ -74,7 +80,7 @@ def test_paper_configs_cover_the_tables_with_the_reference_recipe():
                 assert config.schedule == "multistep" and config.weight_decay == 1e-4
                 assert config.nesterov
     config = paper.get_config("densenet_bc100,cifar10,isomax")
-    plan = train_eval.training_plan(config, 50_000)
+    plan = training.training_plan(config, 50_000)
     spe = 50_000 // 64
     assert plan["steps_per_epoch"] == spe and plan["total_steps"] == 300 * spe
     assert plan["lr_milestones_steps"] == [150 * spe, 200 * spe, 250 * spe]
@@ -93,8 +99,8 @@ def test_paper_config_rejects_bad_arguments(arg):
 
 def test_default_schedule_warms_up_then_decays_to_zero():
     config = default.get_config()
-    plan = train_eval.training_plan(config, 50_000)
-    schedule = train_eval.make_schedule(config, plan)
+    plan = training.training_plan(config, 50_000)
+    schedule = training.make_schedule(config, plan)
     assert plan["steps_per_epoch"] == 390 and plan["total_steps"] == round(6 * 390)
     warm = plan["warmup_steps"]
     assert warm == round(0.9 * 390)
@@ -105,21 +111,21 @@ def test_default_schedule_warms_up_then_decays_to_zero():
     assert plan["early_steps"] == round(2 / 3 * plan["total_steps"]) == 1560
     assert plan["early_image_size"] == 24
     config.early_image_size = 0
-    off = train_eval.training_plan(config, 50_000)
+    off = training.training_plan(config, 50_000)
     assert off["early_steps"] == 0 and off["early_image_size"] is None
 
 
 def test_downscale_keeps_the_batch_and_its_content():
     rng = np.random.default_rng(0)
     images = rng.normal(size=(4, 32, 32, 3)).astype(np.float32)
-    small = np.asarray(train_eval.downscale(images, 24))
+    small = np.asarray(training.downscale(images, 24))
     assert small.shape == (4, 24, 24, 3)
     # Antialiased: each output pixel averages its input neighbourhood, so the per-image,
     # per-channel means are kept up to the border weights; a constant image stays constant.
     np.testing.assert_allclose(small.mean((1, 2)), images.mean((1, 2)), atol=0.05)
-    np.testing.assert_allclose(train_eval.downscale(np.full((1, 32, 32, 3), 0.7), 24), 0.7, 1e-6)
+    np.testing.assert_allclose(training.downscale(np.full((1, 32, 32, 3), 0.7), 24), 0.7, 1e-6)
     # Each image is resized on its own: a batch of one gives the same result.
-    np.testing.assert_allclose(train_eval.downscale(images[1:2], 24)[0], small[1], atol=1e-6)
+    np.testing.assert_allclose(training.downscale(images[1:2], 24)[0], small[1], atol=1e-6)
 
 
 def _result(loss, seed, values):
@@ -167,7 +173,7 @@ def test_verdicts_compare_with_softmax_best_detector():
         runs += [_result("isomax", 0, first), _result("isomax", 1, second)]
         multi = report.build_results(config, runs)["verdicts"]["isomax"]["by_ood"]["a"]["auroc"]
         assert multi["beyond_noise"] is beyond
-    assert verdicts.best_detector(report.summarize(runs), "softmax", "c", "auroc") == "entropic"
+    assert summaries.best_detector(summaries.summarize(runs), "softmax", "c", "auroc") == "entropic"
 
 
 @pytest.mark.slow
@@ -187,7 +193,8 @@ def test_tiny_experiment_end_to_end(finished):
         assert ("min_distance" in dets) == (run["loss"] != "softmax")
         for by_conv in run["ood"]["mnist"].values():
             assert set(by_conv) == {"reference", "openood"}
-            assert all(0 <= v <= 1 for v in by_conv["reference"].values())
+            for metric, v in by_conv["reference"].items():  # ODIN's 8 images cannot resolve
+                assert 0 <= v <= 1 or (metric in OPERATING_POINT and math.isnan(v))  # TPR 95 %
     assert results["code_version"]["commit"]
     assert set(results["timings"]) >= {"training_s", "evaluation_s", "report_s"}
     assert results["verdicts"]["isomax"]["by_ood"]["mnist"]["verdict"] in ("yes", "no", "mixed")
@@ -215,7 +222,7 @@ def test_same_config_twice_gives_identical_numbers_and_logits(finished, tmp_path
     def numbers(run):
         return {**run, "train": {k: v for k, v in run["train"].items() if k not in timing}}
 
-    assert [numbers(r) for r in again["runs"]] == [numbers(r) for r in first["runs"]]
+    assert same([numbers(r) for r in again["runs"]], [numbers(r) for r in first["runs"]])
     for name in ("softmax_seed0", "isomax_seed0"):
         a = np.load(workdir / "logits" / f"{name}.npz")
         b = np.load(tmp_path / "again" / "logits" / f"{name}.npz")
@@ -257,17 +264,17 @@ def test_finished_runs_are_restored_and_evaluate_mode_rewrites_the_report(
     saved = json.loads((workdir / "results.json").read_text())
     for before, after in zip(results["runs"], saved["runs"], strict=True):
         assert after["accuracy"] == before["accuracy"]
-        assert after["ood"] == before["ood"]
+        assert same(after["ood"], before["ood"])
 
 
 @pytest.mark.slow
 def test_multi_device_default_equals_one_device(tmp_path, mock_data):
     config = tiny_config(num_train_steps=4, losses=("isomax",), learning_rate=0.05)
-    split = train_eval.data.load_train_split("cifar10")
+    split = training.data.load_train_split("cifar10")
     params = []
     for n in (1, 2, 8):
         mesh = parallel.data_mesh(jax.devices()[:n])
-        run = train_eval.train_one(
+        run = training.train_one(
             config, str(tmp_path / f"d{n}"), loss="isomax", seed=0, run=0, mesh=mesh, split=split
         )
         params.append(jax.tree.leaves(jax.device_get(run.state.params)))
@@ -295,13 +302,16 @@ def test_multi_device_default_equals_one_device(tmp_path, mock_data):
         ({"dismax_fpr": True}, r"dismax_fpr=True needs 'dismax'"),
     ],
 )
-def test_bad_configs_fail_before_training(tmp_path, overrides, expected):
+def test_bad_configs_fail_before_training(tmp_path, overrides, expected, monkeypatch):
+    def never(*args, **kwargs):
+        pytest.fail("data was loaded or a model trained for a config that cannot run")
+
+    monkeypatch.setattr(training, "train_one", never)
+    monkeypatch.setattr(training.data, "load_train_split", never)
     config = tiny_config(**overrides)
-    start = time.time()
     with pytest.raises(validate.ConfigError, match=expected):
         train_eval.run(config, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()  # nothing trained, nothing written
-    assert time.time() - start < 60  # reported, not a target: see the closing note
 
 
 def test_missing_data_fails_before_training(tmp_path):
@@ -336,12 +346,12 @@ def test_changed_config_in_an_existing_workdir_names_the_keys(finished, mock_dat
 @pytest.mark.slow
 def test_diverging_training_stops_naming_the_step(tmp_path, mock_data):
     config = tiny_config(learning_rate=1e12, num_train_steps=6, losses=("softmax",))
-    with pytest.raises(train_eval.TrainingDivergedError, match=r"at step \d+ of 6"):
+    with pytest.raises(training.TrainingDivergedError, match=r"at step \d+ of 6"):
         train_eval.run(config, str(tmp_path / "w"))
 
 
 def test_bad_labels_stop_at_the_first_batch(tmp_path, mock_data, monkeypatch):
-    images, labels = train_eval.data.load_train_split("cifar10")
+    images, labels = training.data.load_train_split("cifar10")
     bad = np.full_like(labels, 10)  # out of range for 10 classes
     monkeypatch.setattr(train_eval.data, "load_train_split", lambda *a, **k: (images, bad))
     config = tiny_config(losses=("isomax",))
@@ -352,5 +362,5 @@ def test_bad_labels_stop_at_the_first_batch(tmp_path, mock_data, monkeypatch):
 def test_plan_rejects_a_batch_larger_than_the_split():
     config = tiny_config(batch_size=128)
     with pytest.raises(validate.ConfigError, match="exceeds the 64 training examples"):
-        train_eval.training_plan(config, 64)
-    assert math.isclose(train_eval.training_plan(tiny_config(), 64)["epochs"], 3 / 4)
+        training.training_plan(config, 64)
+    assert math.isclose(training.training_plan(tiny_config(), 64)["epochs"], 3 / 4)

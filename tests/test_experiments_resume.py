@@ -15,10 +15,11 @@ STEPS, EVERY = 120, 10
 
 CHILD = """
 import sys
-import tensorflow_datasets as tfds
 from absl import app
 from experiments import main
-with tfds.testing.mock_data(num_examples=64):
+main.configure_xla(2)  # --cpu_devices=2, before importing isomax_jax starts JAX's backend
+from isomax_jax.data import testing
+with testing.mock_data(num_examples=64):
     app.run(main.main, argv=sys.argv)
 """
 

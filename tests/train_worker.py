@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kill-after", type=int, default=-1)
     args = parser.parse_args(argv)
 
-    from isomax_jax import checkpointing, distributed, parallel
+    from isomax_jax import checkpointing, distributed, parallel, run_metadata
 
     distributed.initialize(initialization_timeout=60)
     mesh = parallel.data_mesh()
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     ckpt = None
     if args.workdir:
         config = {k: v for k, v in vars(args).items() if k not in ("kill_after", "out")}
-        checkpointing.write_run_metadata(args.workdir, config=config, seed=0)
+        run_metadata.write_run_metadata(args.workdir, config=config, seed=0)
         ckpt = checkpointing.RunCheckpointer(args.workdir, save_every_steps=args.save_every)
         state = ckpt.restore_latest(state)
 

@@ -18,6 +18,9 @@ Public API:
   batches padded (mask False, label -1), equal batch count on every process; label -1 for OOD.
   Names: :data:`EVAL_NAMES` = cifar10, cifar100, svhn, tiny_imagenet_resize, tiny_imagenet_crop,
   lsun_resize, lsun_crop, isun, mnist, omniglot, textures, gaussian_noise, uniform_noise.
+* :class:`EvalBatches` ``(images, labels, *, batch_size, name, process_index=0,
+  process_count=1)``: an in-memory split (e.g. from :func:`load_train_split`) as evaluation
+  batches ``{"image", "label", "mask"}``, every example once, padded like :func:`eval_dataset`.
 * :func:`check_available` (fast: prepared, buildable offline or downloadable?),
   :func:`num_examples`, :func:`steps_per_epoch`; :data:`NORMALIZATION`,
   :func:`normalization_stats` (in-distribution mean/std, also used for every OOD set).
@@ -64,7 +67,7 @@ from isomax_jax.data.pipelines import (  # noqa: E402
     steps_per_epoch,
     train_dataset,
 )
-from isomax_jax.data.training import TrainBatches  # noqa: E402
+from isomax_jax.data.training import EvalBatches, TrainBatches  # noqa: E402
 
 __all__ = [
     "EVAL_NAMES",
@@ -74,6 +77,7 @@ __all__ = [
     "TRAIN_NAMES",
     "ArchiveError",
     "DataNotFoundError",
+    "EvalBatches",
     "ImageError",
     "TrainBatches",
     "check_available",

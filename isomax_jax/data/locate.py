@@ -22,11 +22,11 @@ provide the data; tfds never gets the chance to retry a download.
 exists but is a file raises ``NotADirectoryError`` (it used to be skipped silently, and the set
 was built into ``~/tensorflow_datasets``). tfds creates an empty ``tmp*tfds`` folder in the temp
 directory whenever a builder is created for a set that is not prepared; the OOD builders skip
-that step and, for tfds's own builders, this module runs it in a private temp folder that it
-removes.
+that step, and a builder of tfds's own sets is created only where the set's files are (or to
+download it, with ``download=True``).
 
-Under ``tfds.testing.mock_data`` the search is skipped and tfds's mocked builder is returned, so
-pipelines can be tested with generated examples.
+Pipelines are tested on generated examples with :func:`isomax_jax.data.testing.mock_data`,
+which stands in for this module's search.
 """
 
 from __future__ import annotations
@@ -39,8 +39,7 @@ import pathlib
 import shutil
 import stat
 import tempfile
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
 
@@ -114,43 +113,26 @@ def build_target(dirs: Sequence[pathlib.Path], build_dir=None) -> pathlib.Path |
     return None
 
 
-def _tfds_is_mocked() -> bool:
-    fn = tfds.core.DatasetBuilder.download_and_prepare
-    return getattr(fn, "__name__", "") == "mock_download_and_prepare"
-
-
-_TEMPDIR_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _private_tempdir() -> Iterator[None]:
-    """Points ``tempfile`` at a private folder for the duration, then removes it.
-
-    Used around ``tfds.builder(...)`` only (milliseconds): for a set that is not prepared, tfds's
-    ``DatasetInfo.initialize_from_bucket`` creates a ``tmp*tfds`` folder and never removes it.
-    """
-    with _TEMPDIR_LOCK:
-        private = tempfile.mkdtemp(prefix="isomax_tfds_")
-        saved, tempfile.tempdir = tempfile.tempdir, private
-        try:
-            yield
-        finally:
-            tempfile.tempdir = saved
-            shutil.rmtree(private, ignore_errors=True)
-
-
-def _tfds_builder(name: str, data_dir: pathlib.Path):
-    if name in OOD_BUILDERS:  # these skip the bucket lookup (see builders.base)
-        return tfds.builder(name, data_dir=os.fspath(data_dir))
-    with _private_tempdir():
-        return tfds.builder(name, data_dir=os.fspath(data_dir))
+def _info_on_disk(name: str, directory: pathlib.Path) -> bool:
+    """Whether ``directory`` holds the ``dataset_info.json`` of tfds set ``name`` at the version
+    its code builds (any config): only then is a builder created to read it."""
+    version = str(tfds.builder_cls(name).VERSION)
+    folder = directory / name
+    return (folder / version / "dataset_info.json").is_file() or any(
+        folder.glob(f"*/{version}/dataset_info.json")
+    )
 
 
 def _prepared(name: str, dirs: Sequence[pathlib.Path]):
     for d in dirs:
         if not (d / name).is_dir():
             continue
-        builder = _tfds_builder(name, d)
+        # The OOD builders skip tfds's bucket lookup (see builders.base); a tfds set gets a
+        # builder only when its files are there, so the lookup (which leaves an empty tmp*tfds
+        # folder in the temp directory) never runs for a set that is not prepared.
+        if name not in OOD_BUILDERS and not _info_on_disk(name, d):
+            continue
+        builder = tfds.builder(name, data_dir=os.fspath(d))
         if builder.is_prepared():
             return builder
     return None
@@ -179,7 +161,7 @@ def _build(name: str, build_dir: pathlib.Path, manual_dir, download: bool):
     else:
         download_dir = tmp_downloads = pathlib.Path(tempfile.mkdtemp(prefix="isomax_tfds_dl_"))
     try:
-        builder = _tfds_builder(name, build_dir)
+        builder = tfds.builder(name, data_dir=os.fspath(build_dir))
         printed = io.StringIO()
         # tfds prints its "Downloading and preparing ..." banners: send them to logging (INFO).
         with contextlib.redirect_stdout(printed):
@@ -225,8 +207,6 @@ def load_builder(
       DataNotFoundError: the data is not available (message says what was searched).
       NotADirectoryError: ``data_dir``, ``$TFDS_DATA_DIR`` or ``build_dir`` is a file.
     """
-    if _tfds_is_mocked():
-        return tfds.builder(candidates[0])
     dirs = resolve_data_dirs(data_dir)
     target = build_target(dirs, build_dir)
     search = dirs + [target] if target is not None and target not in dirs else dirs

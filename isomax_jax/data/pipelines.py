@@ -7,9 +7,9 @@ evaluation batches from a tf.data graph. Both yield NumPy dicts ready for
 ``pmap``. Data location, offline behaviour and building of the OOD sets: see
 :mod:`isomax_jax.data.locate`.
 
-Example (generated data; with real data drop the ``mock_data`` context):
-  >>> import tensorflow_datasets as tfds
-  >>> with tfds.testing.mock_data(num_examples=20):
+Example (generated data, :func:`isomax_jax.data.testing.mock_data`; with real data drop it):
+  >>> from isomax_jax.data import testing
+  >>> with testing.mock_data(num_examples=20):
   ...     with train_dataset("cifar10", batch_size=8, seed=0, num_devices=1) as batches:
   ...         batch = next(batches)
   >>> batch["image"].shape, batch["image"].dtype, batch["label"].dtype
@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 
 from isomax_jax.data import locate
 from isomax_jax.data.builders import OOD_BUILDERS
-from isomax_jax.data.locate import DataDir, DataNotFoundError, load_builder
+from isomax_jax.data.locate import DataDir, DataNotFoundError
 from isomax_jax.data.normalization import IN_DISTRIBUTION_NAMES, normalization_stats
 from isomax_jax.data.training import TrainBatches, load_split
 
@@ -270,7 +270,7 @@ def eval_dataset(
     _check_name("in_distribution", in_distribution, IN_DISTRIBUTION_NAMES)
     index, count = _process_layout(process_index, process_count)
     per_process = _per_process_batch(batch_size, count, num_devices)
-    builder = load_builder(
+    builder = locate.load_builder(
         name,
         EVAL_SOURCES[name],
         data_dir=data_dir,
@@ -321,13 +321,14 @@ def num_examples(
     if split is None:
         split = "train" if name in TRAIN_NAMES else "test"
     sources = (TRAIN_SOURCES[name],) if name in TRAIN_NAMES else EVAL_SOURCES[name]
-    builder = load_builder(
+    builder = locate.load_builder(
         name, sources, data_dir=data_dir, manual_dir=manual_dir, build_dir=build_dir
     )
-    if locate._tfds_is_mocked():  # tfds.testing.mock_data: no split metadata, count instead
-        ds = builder.as_dataset(split=split)
-        n = int(ds.cardinality())
-        return n if n >= 0 else int(ds.reduce(np.int64(0), lambda c, _: c + 1))
+    return _split_size(builder, split)
+
+
+def _split_size(builder, split: str) -> int:
+    """Examples in ``split`` of a prepared builder, read from its metadata."""
     return int(builder.info.splits[split].num_examples)
 
 
@@ -374,8 +375,16 @@ def check_available(
     if split is None:
         split = "train" if name in TRAIN_NAMES else "test"
     candidates = (TRAIN_SOURCES[name],) if split.startswith("train") else EVAL_SOURCES[name]
-    if locate._tfds_is_mocked():
-        return
+    _check_prepared_or_buildable(
+        name, candidates, split, data_dir=data_dir, manual_dir=manual_dir, build_dir=build_dir,
+        download=download,
+    )  # fmt: skip
+
+
+def _check_prepared_or_buildable(
+    name: str, candidates, split: str, *, data_dir, manual_dir, build_dir, download: bool
+) -> None:
+    """The search of :func:`check_available` for the tfds names ``candidates`` of ``name``."""
     dirs = locate.resolve_data_dirs(data_dir)
     target = locate.build_target(dirs, build_dir)
     search = dirs + [target] if target is not None and target not in dirs else dirs

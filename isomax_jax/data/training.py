@@ -1,4 +1,4 @@
-"""Training batches from an in-memory split: deterministic, restartable at any step, prefetched.
+"""Batches from an in-memory split: training (deterministic, restartable, prefetched), evaluation.
 
 The training sets of the papers (CIFAR-10/100: 150 MB of uint8 pixels, SVHN: 220 MB) fit in host
 memory, so the split is decoded once with tfds and kept as NumPy arrays; batches are then cut from
@@ -18,11 +18,16 @@ TensorFlow thread pool competing with XLA for the cores) and makes the stream a 
 So resuming at step ``s`` needs no replay (``start_step=s`` gives exactly the batches an
 uninterrupted stream yields from ``s`` on), and the global batch is the same for every process
 count. Batches are normalised with the set's mean/std (:mod:`isomax_jax.data.normalization`).
+
+:class:`EvalBatches` cuts the same split into evaluation batches with the same process layout:
+every example once, in order, no augmentation, the last batch padded and masked as
+:func:`isomax_jax.data.eval_dataset` pads (e.g. to fit detectors on the training split).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -31,17 +36,20 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from isomax_jax.data.locate import DataDir, _tfds_is_mocked, load_builder
+from isomax_jax.data import locate
+from isomax_jax.data.locate import DataDir
 from isomax_jax.data.normalization import normalization_stats
 
-__all__ = ["TrainBatches", "load_split"]
+__all__ = ["EvalBatches", "TrainBatches", "load_split"]
 
 PAD = 4
 
 
 @functools.lru_cache(maxsize=4)
 def _load_split_cached(name: str, tfds_name: str, split: str, data_dirs: tuple, download: bool):
-    builder = load_builder(name, (tfds_name,), data_dir=list(data_dirs) or None, download=download)
+    builder = locate.load_builder(
+        name, (tfds_name,), data_dir=list(data_dirs) or None, download=download
+    )
     ds = builder.as_dataset(split=split, shuffle_files=False).batch(4096)
     chunks = list(tfds.as_numpy(ds))
     if not chunks:
@@ -67,9 +75,13 @@ def load_split(
         dirs = (str(data_dir),)
     else:
         dirs = tuple(str(d) for d in data_dir)
-    if _tfds_is_mocked():  # generated examples differ per mock context: never cache them
-        return _load_split_cached.__wrapped__(name, tfds_name, split, dirs, bool(download))
     return _load_split_cached(name, tfds_name, split, dirs, bool(download))
+
+
+def _normalisation(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, 1 / std)`` of the set ``name`` on the uint8 scale: ``(x - mean) * inv_std``."""
+    mean, std = normalization_stats(name)
+    return np.asarray(mean, np.float32) * 255, 1 / (np.asarray(std, np.float32) * 255)
 
 
 class TrainBatches:
@@ -126,9 +138,7 @@ class TrainBatches:
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.per_process = self.batch_size // self.process_count
         self.steps_per_epoch = n // self.batch_size
-        mean, std = normalization_stats(name)
-        self._mean = np.asarray(mean, np.float32) * 255
-        self._inv_std = 1 / (np.asarray(std, np.float32) * 255)
+        self._mean, self._inv_std = _normalisation(name)
         self.start_step = int(start_step)
         self.end_step = None if num_steps is None else self.start_step + int(num_steps)
         self._put = put
@@ -229,3 +239,68 @@ class TrainBatches:
 
     def __del__(self):
         self._stop.set()
+
+
+class EvalBatches:
+    """Normalised evaluation batches of an in-memory split: every example once, in order.
+
+    The layout of :class:`TrainBatches` without shuffling or augmentation: global batch ``k``
+    holds examples ``[k * batch_size, (k + 1) * batch_size)`` and process ``i`` of ``P`` keeps
+    its rows ``[i * b, (i + 1) * b)`` (``b = batch_size // P``). Every process yields
+    ``ceil(n / batch_size)`` batches; rows past the end of the split are padding, as in
+    :func:`isomax_jax.data.eval_dataset`: zero images, ``label`` -1, ``mask`` False.
+
+    Args:
+      images: uint8 ``[n, H, W, C]`` images.
+      labels: int ``[n]`` labels.
+      batch_size: the GLOBAL batch size; must divide by ``process_count``.
+      name: the in-distribution set name (for its normalisation statistics).
+      process_index, process_count: this process and the number of processes.
+
+    Yields:
+      ``{"image": float32 [b, H, W, C], "label": int32 [b], "mask": bool [b]}``.
+
+    Example:
+      >>> images = np.zeros((5, 32, 32, 3), np.uint8)
+      >>> batches = EvalBatches(images, np.arange(5), batch_size=4, name="cifar10")
+      >>> len(batches), [int(b["mask"].sum()) for b in batches], list(batches)[1]["label"]
+      (2, [4, 1], array([ 4, -1, -1, -1], dtype=int32))
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        *,
+        batch_size: int,
+        name: str,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        n = int(images.shape[0])
+        if labels.shape != (n,):
+            raise ValueError(f"labels must be [{n}] to match images, got shape {labels.shape}")
+        if batch_size < 1 or batch_size % process_count:
+            raise ValueError(
+                f"batch_size={batch_size} must be a positive multiple of the process count "
+                f"{process_count}"
+            )
+        self.images, self.labels = images, labels
+        self.batch_size = int(batch_size)
+        self.per_process = self.batch_size // int(process_count)
+        self.first_row = int(process_index) * self.per_process
+        self._mean, self._inv_std = _normalisation(name)
+
+    def __len__(self) -> int:
+        return math.ceil(self.images.shape[0] / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        n = self.images.shape[0]
+        for start in range(0, n, self.batch_size):
+            index = np.arange(start + self.first_row, start + self.first_row + self.per_process)
+            mask = index < n
+            index = np.where(mask, index, 0)
+            images = self.images[index].astype(np.float32)
+            normalised = (images - self._mean) * self._inv_std * mask[:, None, None, None]
+            labels = np.where(mask, self.labels[index], -1).astype(np.int32)
+            yield {"image": normalised, "label": labels, "mask": mask}

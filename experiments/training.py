@@ -1,0 +1,320 @@
+"""One model of an experiment: its training plan, schedule and state, trained or restored.
+
+`train_one` trains a (loss, seed) into `workdir/<loss>_seed<seed>/` (Orbax checkpoints,
+`run.json`, `train_info.json`), resuming from the latest intact checkpoint without replaying its
+input, with a progress bar and TensorBoard summaries (`workdir/tensorboard/`); `restore_one`
+restores a trained one for evaluation. `experiments.train_eval` calls them for every model.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from experiments import records, validate
+from experiments.progress import Progress
+from isomax_jax import (
+    checkpointing,
+    data,
+    models,
+    parallel,
+    registry,
+    run_metadata,
+    train,
+    validation,
+)
+
+# name -> number of classes of the in-distribution sets.
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
+TRAIN_INFO = "train_info.json"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the step."""
+
+
+def training_plan(config: Any, num_examples: int) -> dict[str, Any]:
+    """Steps per epoch, total and warm-up steps, learning-rate milestones of `config`.
+
+    An epoch is `num_examples // batch_size` steps, as in `isomax_jax.data.train_dataset`
+    (every epoch a new permutation; the incomplete last batch is dropped).
+    """
+    steps_per_epoch = num_examples // config.batch_size
+    if steps_per_epoch < 1:
+        raise validate.ConfigError(
+            f"config.batch_size={config.batch_size} exceeds the {num_examples} training examples "
+            f"of {config.dataset}[{config.train_split}]"
+        )
+    if config.num_train_steps > 0:
+        total = int(config.num_train_steps)
+    else:
+        total = max(1, round(config.num_epochs * steps_per_epoch))
+    warmup = 0
+    if config.schedule != "multistep":
+        warmup = min(round(config.warmup_epochs * steps_per_epoch), total - 1)
+    early = round(config.early_fraction * total) if config.early_image_size else 0
+    return {
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total,
+        "epochs": total / steps_per_epoch,
+        "warmup_steps": warmup,
+        "lr_milestones_steps": [round(f * total) for f in config.lr_boundaries],
+        "early_steps": early,
+        "early_image_size": config.early_image_size if early else None,
+    }
+
+
+@functools.partial(jax.jit, static_argnames="size")
+def downscale(images: jax.Array, size: int) -> jax.Array:
+    """``[b, H, W, C]`` images resized to ``[b, size, size, C]`` (bilinear, antialiased).
+
+    The early steps of a progressive-resizing schedule (`config.early_image_size`) train on
+    the augmented batches shrunk by this, on the devices they are sharded over; the network (all
+    convolutions and a global average pool) takes any size.
+    """
+    b, _, _, c = images.shape
+    return jax.image.resize(images, (b, size, size, c), method="linear", antialias=True)
+
+
+def make_schedule(config: Any, plan: dict[str, Any]):
+    """The learning-rate schedule of `config` in optimiser steps."""
+    if config.schedule == "multistep":
+        return train.multistep_schedule(
+            steps_per_epoch=1,  # milestones are already in steps
+            milestones=plan["lr_milestones_steps"],
+            base_learning_rate=config.learning_rate,
+            decay=config.lr_decay_factor,
+        )
+    return train.warmup_decay_schedule(
+        total_steps=plan["total_steps"],
+        warmup_steps=plan["warmup_steps"],
+        peak_learning_rate=config.learning_rate,
+        decay=config.schedule.removeprefix("warmup_"),
+    )
+
+
+def initial_state(config: Any, plan: dict[str, Any], *, loss: str, seed: int, init: bool = True):
+    """The model and freshly initialised train state of one (loss, seed) (the model alone
+    with `init=False`)."""
+    model = models.get_model(
+        config.model,
+        num_classes=NUM_CLASSES[config.dataset],
+        head=loss,
+        dtype=getattr(jax.numpy, config.dtype),
+    )
+    if not init:
+        return model
+    tx = train.reference_optimizer(
+        make_schedule(config, plan),
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.nesterov,
+    )
+    loss_config = train.LossConfig(
+        loss, entropic_scale=config.entropic_scale, fpr=config.dismax_fpr and loss == "dismax"
+    )
+    state = train.create_train_state(model, key=jax.random.key(seed), tx=tx, loss=loss_config)
+    return model, state
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+class _TrainingLog:
+    """What the loop reports: the metrics of the steps since the last report, fetched only then
+    (the device is never waited for at other steps), checked for divergence, shown on the
+    progress bar and written to TensorBoard; and the loop's timings."""
+
+    def __init__(self, loss: str, seed: int, workdir: str, *, start: int, total: int, schedule):
+        self.name, self.schedule = records.run_name(loss, seed), schedule
+        self.start, self.total = start, total
+        self.pending: list[dict[str, jax.Array]] = []
+        self.window_start, self.last = start, {}
+        self.t_start, self.t_timed, self.compile_s = time.time(), None, None
+        self.writer = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard", self.name))
+        self.bar = Progress(
+            f"train {registry.HEADS[loss].title} seed {seed}",
+            total,
+            initial=start,
+            enabled=jax.process_index() == 0,
+        )
+
+    def dispatched(self, metrics: dict[str, jax.Array]) -> None:
+        """A step was dispatched: wait for the previous one only (the device always has work
+        queued); the first step's wait is the compile time."""
+        if self.pending:
+            jax.block_until_ready(self.pending[-1])
+        self.pending.append(metrics)
+        if self.compile_s is None:
+            jax.block_until_ready(metrics)
+            self.compile_s = time.time() - self.t_start
+            self.t_timed = time.time()
+
+    def report(self, done: int, checkpointed: int | None) -> None:
+        """Fetches the pending metrics, raises if a loss is not finite, shows their means."""
+        fetched = jax.device_get(self.pending)
+        for i, metrics in enumerate(fetched):
+            if not math.isfinite(float(metrics["loss"])):
+                bad = self.window_start + i
+                raise TrainingDivergedError(
+                    f"{self.name}: the training loss is {float(metrics['loss'])} at step "
+                    f"{bad + 1} of {self.total} (after {bad - self.start} steps of this start)."
+                    " Check the labels and the learning rate; checkpoints up to step "
+                    f"{checkpointed} are intact."
+                )
+        self.last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        lr = float(self.schedule(done - 1))
+        dt = (time.time() - self.t_timed) / max(done - self.start - 1, 1)
+        self.bar.update(1, loss=self.last["loss"], acc=self.last["accuracy"], lr=lr, s_step=dt)
+        if self.writer is not None:
+            for key, value in (*self.last.items(), ("learning_rate", lr), ("s_per_step", dt)):
+                self.writer.add_scalar(f"train/{key}", value, done)
+        self.pending, self.window_start = [], done
+
+    def summary(self, batch_size: int) -> dict[str, Any]:
+        """`train_info.json` of this start (call when the last step is ready)."""
+        t_end, trained = time.time(), self.total - self.start
+        return {
+            "steps": self.total,
+            "batch_size": batch_size,
+            "resumed_from_step": self.start,
+            "wall_time_s": t_end - self.t_start,
+            "compile_s": self.compile_s,
+            "seconds_per_step": (t_end - self.t_timed) / (trained - 1) if trained > 1 else None,
+            "final_train_loss": self.last.get("loss"),
+            "final_train_accuracy": self.last.get("accuracy"),
+        }
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _device_batches(config: Any, split, *, seed: int, start: int, total: int, mesh):
+    """The host batch stream from step `start` and the same batches prefetched to the mesh;
+    the first batch's labels are checked eagerly (a bad label fails before any step)."""
+    images, labels = split
+    batches = data.TrainBatches(
+        images, labels, batch_size=config.batch_size, seed=seed, name=config.dataset,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        start_step=start, num_steps=total - start,
+    )  # fmt: skip
+    host = iter(batches)
+    first = next(host)
+    validation.validate_labels(first["label"], NUM_CLASSES[config.dataset])
+    return batches, parallel.prefetch_to_mesh(itertools.chain([first], host), mesh)
+
+
+def _train_steps(config, plan, state, ckpt, log: _TrainingLog, device_batches, step_fn):
+    """Steps `log.start` to the end: each step dispatched, its metrics reported at log steps
+    and before every checkpoint (a diverged state is never saved), saved when `ckpt` says."""
+    total = plan["total_steps"]
+    for step, batch in zip(range(log.start, total), device_batches, strict=True):
+        if step < plan["early_steps"]:
+            batch = {**batch, "image": downscale(batch["image"], config.early_image_size)}
+        state, metrics = step_fn(state, batch)
+        log.dispatched(metrics)
+        done = step + 1
+        save = ckpt.due(done, final=done == total)
+        if save or done % config.log_every_steps == 0 or done == total:
+            log.report(done, checkpointed=ckpt.latest_step())
+        else:
+            log.bar.update(1)
+        if save:
+            ckpt.save(jax.device_get(state), force=True)  # host copy: fast save
+    return jax.block_until_ready(state)
+
+
+def train_one(
+    config: Any,
+    workdir: str,
+    *,
+    loss: str,
+    seed: int,
+    run: int,
+    mesh: Any,
+    split: tuple[np.ndarray, np.ndarray],
+) -> records.TrainedRun:
+    """Trains (or resumes, or restores if finished) one model on the in-memory `split`."""
+    name = records.run_name(loss, seed)
+    run_dir = os.path.join(workdir, name)
+    plan = training_plan(config, len(split[0]))
+    total = plan["total_steps"]
+    model, state = initial_state(config, plan, loss=loss, seed=seed)
+    run_metadata.write_run_metadata(
+        run_dir, config=config, seed=seed, ignore_keys=validate.EVALUATION_ONLY_KEYS
+    )
+    ckpt = checkpointing.RunCheckpointer(run_dir, save_every_steps=config.checkpoint_every_steps)
+    state = ckpt.restore_latest(state)
+    start = int(state.step)
+    state = parallel.replicate_state(state, mesh)
+    if start >= total:  # finished: keep the recorded training summary, train nothing
+        ckpt.close()
+        info = _read_json(os.path.join(run_dir, TRAIN_INFO)) or {"steps": start, **plan}
+        return records.TrainedRun(loss, seed, run, state, model, info)
+
+    schedule = make_schedule(config, plan)
+    log = _TrainingLog(loss, seed, workdir, start=start, total=total, schedule=schedule)
+    batches, device_batches = _device_batches(
+        config, split, seed=seed, start=start, total=total, mesh=mesh
+    )
+    try:
+        with batches:
+            step_fn = parallel.sharded_train_step(mesh)
+            state = _train_steps(config, plan, state, ckpt, log, device_batches, step_fn)
+        info = {**plan, **log.summary(config.batch_size)}
+    finally:
+        log.close()
+    ckpt.close()
+    if jax.process_index() == 0:
+        with open(os.path.join(run_dir, TRAIN_INFO), "w") as f:
+            json.dump(info, f, indent=1)
+    return records.TrainedRun(loss, seed, run, state, model, info)
+
+
+def restore_one(config: Any, workdir: str, *, loss: str, seed: int, run: int, mesh: Any):
+    """The :class:`~experiments.records.TrainedRun` of a trained (loss, seed), restored."""
+    name = records.run_name(loss, seed)
+    run_dir = os.path.join(workdir, name)
+    info = _read_json(os.path.join(run_dir, TRAIN_INFO)) or {}
+    plan = {k: info[k] for k in ("steps_per_epoch", "total_steps", "warmup_steps") if k in info}
+    plan.setdefault("lr_milestones_steps", info.get("lr_milestones_steps", []))
+    plan.setdefault("total_steps", 1)
+    plan.setdefault("warmup_steps", 0)
+    # Only shapes are needed to restore: the abstract state, restored straight into replicated
+    # arrays on the mesh (no random initialisation).
+    model = initial_state(config, plan, loss=loss, seed=seed, init=False)
+    abstract = jax.eval_shape(lambda: initial_state(config, plan, loss=loss, seed=seed)[1])
+    rep = parallel.replicated(mesh)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract
+    )
+    ckpt = checkpointing.RunCheckpointer(run_dir, save_every_steps=config.checkpoint_every_steps)
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {run_dir}; train first (--mode=train_and_evaluate)"
+        )
+    state = ckpt.restore_latest(abstract)  # the newest intact checkpoint
+    ckpt.close()
+    step = int(state.step)
+    if info.get("steps") not in (None, step):
+        logging.warning("%s: restored step %d, training recorded %s", run_dir, step, info["steps"])
+    return records.TrainedRun(loss, seed, run, state, model, info or {"steps": step})
