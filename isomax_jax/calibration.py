@@ -91,14 +91,13 @@ def expected_calibration_error(
       >>> expected_calibration_error(logits, jnp.array([0, 1, 1]))
       Array(0.21413036, dtype=float32)
     """
-    validation.check_positive_scalar("temperature", temperature)
+    temperature = validation.check_temperature(temperature)
     logits, labels = _check(logits, labels, num_bins)
-    temperature = jnp.asarray(temperature, logits.dtype)
-    ece = _ece(logits, labels, temperature, num_bins)
+    ece = _ece(logits, labels, temperature.astype(logits.dtype), num_bins)
     if validation.is_concrete(logits, labels, temperature):
         return ece
-    valid = _valid(logits, labels) & (temperature > 0) & jnp.isfinite(temperature)
-    return jnp.where(valid, ece, jnp.nan)
+    # A traced bad temperature is NaN here (check_temperature): the binning would hide it.
+    return jnp.where(_valid(logits, labels) & ~jnp.isnan(temperature), ece, jnp.nan)
 
 
 def calibrate_temperature(

@@ -45,7 +45,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from isomax_jax import validation
@@ -97,7 +96,7 @@ def l2_normalize(x: jax.typing.ArrayLike, *, eps: float = 1e-12) -> jax.Array:
       Array([[0.6, 0.8],
              [0. , 0. ]], dtype=float32)
     """
-    x = jnp.asarray(x)
+    x = validation.as_array("x", x)
     norm = safe_sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
     return x / jnp.maximum(norm, eps)
 
@@ -252,8 +251,8 @@ def pairwise_distance(
       Array([[0., 3.],
              [5., 4.]], dtype=float32)
     """
-    features = jnp.asarray(features)
-    prototypes = jnp.asarray(prototypes)
+    features = validation.as_array("features", features)
+    prototypes = validation.as_array("prototypes", prototypes)
     dtype = _check_pair(features, prototypes)
     if method not in _METHODS:
         raise ValueError(f"`method` must be one of {_METHODS}; got {method!r}.")
@@ -264,32 +263,8 @@ def pairwise_distance(
     return _matmul_distance(features, prototypes)
 
 
-def check_temperature(temperature: jax.typing.ArrayLike) -> None:
-    """Raises ``ValueError`` unless a concrete ``temperature`` is a finite scalar > 0.
-
-    A traced temperature (an argument of a jitted function) cannot be checked and is accepted.
-
-    Example:
-      >>> check_temperature(0.5)
-      >>> check_temperature(-1.0)
-      Traceback (most recent call last):
-      ...
-      ValueError: `temperature` must be a finite scalar > 0; got -1.0.
-    """
-    if isinstance(temperature, jax.core.Tracer):
-        return
-    try:
-        value = np.asarray(temperature, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"`temperature` must be a finite scalar > 0; got {temperature!r}."
-        ) from None
-    if value.ndim != 0 or not (np.isfinite(value) and value > 0):
-        raise ValueError(f"`temperature` must be a finite scalar > 0; got {temperature!r}.")
-
-
 def _check_scale(distance_scale, dtype) -> jax.Array:
-    distance_scale = jnp.asarray(distance_scale)
+    distance_scale = validation.as_array("distance_scale", distance_scale)
     validation.check_floating("distance_scale", distance_scale)
     if distance_scale.shape not in ((), (1,)):
         raise ValueError(
@@ -311,6 +286,8 @@ def isomax_logits(
       features: ``[batch, features]`` floating array.
       prototypes: ``[num_classes, features]`` floating array (zeros at initialisation).
       temperature: finite scalar ``T`` > 0, 1 in training; set after post-hoc calibration.
+        A traced bad value (under ``jit``) gives NaN logits
+        (:func:`isomax_jax.validation.check_temperature`).
       method: distance computation, see :func:`pairwise_distance`.
 
     Returns:
@@ -324,14 +301,14 @@ def isomax_logits(
       >>> isomax_logits(jnp.array([[3.0, 4.0]]), jnp.zeros((2, 2)))
       Array([[-5., -5.]], dtype=float32)
     """
-    check_temperature(temperature)
+    temperature = validation.check_temperature(temperature)
     distance = pairwise_distance(features, prototypes, method=method)
-    return -distance / jnp.asarray(temperature, distance.dtype)
+    return -distance / temperature.astype(distance.dtype)
 
 
 def _scaled_normalized_distance(features, prototypes, distance_scale, method, divisor=None):
-    features = jnp.asarray(features)
-    prototypes = jnp.asarray(prototypes)
+    features = validation.as_array("features", features)
+    prototypes = validation.as_array("prototypes", prototypes)
     dtype = _check_pair(features, prototypes)
     scale = _check_scale(distance_scale, dtype)
     distance = pairwise_distance(
@@ -358,7 +335,7 @@ def isomax_plus_logits(
       features: ``[batch, features]`` floating array.
       prototypes: ``[num_classes, features]`` floating array.
       distance_scale: learnable scale ``s``, shape ``[1]`` or scalar, used through ``|s|``.
-      temperature: scalar ``T`` > 0.
+      temperature: finite scalar ``T`` > 0 (traced bad value: NaN logits).
       method: distance computation, see :func:`pairwise_distance`.
 
     Returns:
@@ -370,9 +347,9 @@ def isomax_plus_logits(
       >>> isomax_plus_logits(f, p, jnp.ones(1))
       Array([[-0., -2.]], dtype=float32)
     """
-    check_temperature(temperature)
+    temperature = validation.check_temperature(temperature)
     distance = _scaled_normalized_distance(features, prototypes, distance_scale, method)
-    return -distance / jnp.asarray(temperature, distance.dtype)
+    return -distance / temperature.astype(distance.dtype)
 
 
 def dismax_logits(
@@ -391,7 +368,8 @@ def dismax_logits(
       features: ``[batch, features]`` floating array.
       prototypes: ``[num_classes, features]`` floating array.
       distance_scale: learnable scale ``s``, shape ``[1]`` or scalar, used through ``|s|``.
-      temperature: scalar ``T`` > 0 (not trained; calibrated post hoc).
+      temperature: finite scalar ``T`` > 0, not trained; calibrated post hoc (traced bad value:
+        NaN logits).
       method: distance computation, see :func:`pairwise_distance`.
 
     Returns:
@@ -403,9 +381,9 @@ def dismax_logits(
       >>> dismax_logits(f, p, jnp.ones(1))
       Array([[-0.70710677, -2.1213202 ]], dtype=float32)
     """
-    check_temperature(temperature)
+    temperature = validation.check_temperature(temperature)
     distance = _scaled_normalized_distance(
         features, prototypes, distance_scale, method, divisor=math.sqrt(2.0)
     )
     logits = -(distance + jnp.mean(distance, axis=1, keepdims=True))
-    return logits / jnp.asarray(temperature, logits.dtype)
+    return logits / temperature.astype(logits.dtype)

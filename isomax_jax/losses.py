@@ -76,8 +76,8 @@ def isomax_loss(
 
 
 def _check_images_labels(images, labels):
-    images = jnp.asarray(images)
-    labels = jnp.asarray(labels)
+    images = validation.as_array("images", images)
+    labels = validation.as_array("labels", labels)
     validation.check_rank("images", images, 4, "[batch, height, width, channels]")
     validation.check_integer("labels", labels)
     validation.check_shape("labels", labels, images.shape[:1], "[batch]")
@@ -107,7 +107,7 @@ def fpr_mosaic(images: jax.typing.ArrayLike) -> jax.Array:
              [[3., 3.],
               [2., 2.]]], dtype=float32)
     """
-    images = jnp.asarray(images)
+    images = validation.as_array("images", images)
     validation.check_rank("images", images, 4, "[batch, height, width, channels]")
     half = images.shape[0] // 2
     rows, cols = images.shape[1] // 2, images.shape[2] // 2
@@ -164,7 +164,7 @@ def fpr_targets(labels: jax.typing.ArrayLike, num_classes: int) -> jax.Array:
              [0.25, 0.5 , 0.25],
              [0.25, 0.5 , 0.25]], dtype=float32)
     """
-    labels = jnp.asarray(labels)
+    labels = validation.as_array("labels", labels)
     validation.check_rank("labels", labels, 1, "[n]")
     validation.check_integer("labels", labels)
     return sum(0.25 * jax.nn.one_hot(jnp.roll(labels, k), num_classes) for k in range(4))

@@ -10,20 +10,51 @@ NNX needs the feature dimension at construction. The temperature is a plain attr
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from isomax_jax import distances
+from isomax_jax import distances, validation
 
 
-def _check_sizes(num_features: int, num_classes: int) -> None:
-    for name, value in (("num_features", num_features), ("num_classes", num_classes)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int; got {value!r}.")
+class _Head(nnx.Module):
+    """Constructor checks shared by the three heads; subclasses set ``_init_params``."""
+
+    _needs_rngs = True
+
+    def __init__(
+        self,
+        num_features: int,
+        num_classes: int,
+        *,
+        temperature: float = 1.0,
+        method: str = "exact",
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ):
+        validation.check_int("num_features", num_features)
+        validation.check_int("num_classes", num_classes)
+        validation.check_temperature(temperature)
+        name = type(self).__name__
+        if self._needs_rngs and not isinstance(rngs, nnx.Rngs):
+            raise TypeError(
+                f"{name} needs `rngs`, an nnx.Rngs with a 'params' stream to draw its prototypes, "
+                f"e.g. {name}({num_features}, {num_classes}, rngs=nnx.Rngs(0)); got {rngs!r}."
+            )
+        self.temperature = temperature
+        self.method = method
+        self._init_params(num_features, num_classes, param_dtype, rngs)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # NNX's metaclass hides the constructor behind (*args, **kwargs): show the real one.
+        parameters = list(inspect.signature(_Head.__init__).parameters.values())[1:]
+        cls.__signature__ = inspect.Signature(parameters)
 
 
-class IsoMaxHead(nnx.Module):
+class IsoMaxHead(_Head):
     """IsoMax head: ``logits = -||f - p_j||_2 / T``; prototypes start at zero.
 
     Args:
@@ -43,20 +74,9 @@ class IsoMaxHead(nnx.Module):
              [-2., -2., -2.]], dtype=float32)
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        num_classes: int,
-        *,
-        temperature: float = 1.0,
-        method: str = "exact",
-        param_dtype: jnp.dtype = jnp.float32,
-        rngs: nnx.Rngs | None = None,
-    ):
-        _check_sizes(num_features, num_classes)
-        distances.check_temperature(temperature)
-        self.temperature = temperature
-        self.method = method
+    _needs_rngs = False
+
+    def _init_params(self, num_features, num_classes, param_dtype, rngs):
         self.prototypes = nnx.Param(jnp.zeros((num_classes, num_features), param_dtype))
 
     def __call__(self, features: jax.typing.ArrayLike) -> jax.Array:
@@ -66,23 +86,10 @@ class IsoMaxHead(nnx.Module):
         )
 
 
-class _NormalizedHead(nnx.Module):
+class _NormalizedHead(_Head):
     _logits = None
 
-    def __init__(
-        self,
-        num_features: int,
-        num_classes: int,
-        *,
-        temperature: float = 1.0,
-        method: str = "exact",
-        param_dtype: jnp.dtype = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        _check_sizes(num_features, num_classes)
-        distances.check_temperature(temperature)
-        self.temperature = temperature
-        self.method = method
+    def _init_params(self, num_features, num_classes, param_dtype, rngs):
         init = nnx.initializers.normal(stddev=1.0)
         self.prototypes = nnx.Param(init(rngs.params(), (num_classes, num_features), param_dtype))
         self.distance_scale = nnx.Param(jnp.ones((1,), param_dtype))

@@ -16,6 +16,10 @@ mmles              ``mmls + sum_j p_j log p_j``              DisMax, default (MM
 energy             ``T logsumexp(logits / T)``               baseline (Liu et al., 2020)
 =================  ========================================  ==============================
 
+Each function is also a detector of :mod:`isomax_jax.detectors` under the same name, except
+``max_probability``, which is the detector ``msp`` (``detectors.get("max_probability")`` works
+too); reports title it "MPS", the IsoMax papers' name.
+
 The reference computes the entropic score as ``sum(p * log(p))``, which is NaN once a
 probability underflows to 0; here it comes from log-softmax (with ``0 log 0 = 0``) and is finite.
 
@@ -50,7 +54,7 @@ from isomax_jax import validation
 
 
 def _logits(logits: jax.typing.ArrayLike, *, min_classes: int = 1, score: str = "") -> jax.Array:
-    logits = jnp.asarray(logits)
+    logits = validation.as_array("logits", logits)
     validation.check_rank("logits", logits, 2, "[batch, num_classes]")
     validation.check_floating("logits", logits)
     if logits.shape[1] < min_classes:
@@ -167,10 +171,7 @@ def energy(logits: jax.typing.ArrayLike, *, temperature: float = 1.0) -> jax.Arr
       >>> energy(jnp.array([[0.0, 0.0]]))
       Array([0.6931472], dtype=float32)
     """
-    validation.check_positive_scalar("temperature", temperature)
+    temperature = validation.check_temperature(temperature)
     logits = _logits(logits, score="energy")
-    out = temperature * jax.nn.logsumexp(logits / temperature, axis=1)
-    if validation.is_concrete(temperature):
-        return out
-    valid = (temperature > 0) & jnp.isfinite(temperature)
-    return jnp.where(valid, out, jnp.nan)
+    temperature = temperature.astype(logits.dtype)
+    return temperature * jax.nn.logsumexp(logits / temperature, axis=1)

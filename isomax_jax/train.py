@@ -48,8 +48,7 @@ class LossConfig:
     fpr_alpha: float = 1.0
 
     def __post_init__(self):
-        if self.head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        registry.head(self.head)
         if self.fpr and self.head != "dismax":
             raise ValueError(f"fpr=True needs head='dismax', got head={self.head!r}")
 
@@ -231,12 +230,9 @@ def _jitted_init(model: Any, input_shape: tuple[int, ...]) -> Callable[[jax.Arra
 
 
 def per_example_loss(logits: jax.Array, labels: jax.Array, *, loss: LossConfig) -> jax.Array:
-    """Training loss of each example for the head family, ``[B, C], [B] -> [B]`` (no FPR)."""
-    if loss.head == "softmax":
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    from isomax_jax import losses  # the IsoMax-family losses
-
-    return losses.isomax_loss(logits, labels, entropic_scale=loss.entropic_scale)
+    """Training loss of each example for the head family, ``[B, C], [B] -> [B]`` (no FPR):
+    the head's own loss in the registry (:meth:`isomax_jax.registry.HeadSpec.loss`)."""
+    return registry.head(loss.head).loss(logits, labels, entropic_scale=loss.entropic_scale)
 
 
 def _check_batch(batch: Batch, *, need_label: bool = True) -> None:

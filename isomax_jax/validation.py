@@ -1,20 +1,62 @@
-"""Trace-time argument checks and eager value checks.
+"""Every argument check of the library, in one place and one message style.
 
-The shape/dtype checks only look at static shapes and dtypes, so they run while a function is
-traced (inside or outside ``jax.jit``) and raise ``ValueError``/``TypeError`` naming the argument,
-its actual shape or dtype and the expected one. Value checks (out-of-range labels, NaN logits, a
-non-positive temperature) cannot raise inside ``jit``: :func:`validate_labels` and
-:func:`check_finite` need concrete values, and :func:`check_positive_scalar` checks a concrete
-value and lets a traced one through (the caller then returns NaN for a bad one).
+Messages name the argument in backquotes and say what was expected, then what was given:
+``"`temperature` must be a finite number > 0; got -1.0."``. Three kinds of checks:
+
+* **Static checks** (rank, shape, dtype, a scalar where a scalar is needed) look only at static
+  properties, so they run while a function is traced (inside or outside ``jax.jit``) and raise
+  ``ValueError``/``TypeError``.
+* **Value checks** (NaN inputs, out-of-range labels, a temperature ``<= 0``) need concrete values:
+  they raise eagerly and let a traced value through. A function that accepts traced values states
+  what it returns for a bad one; for temperatures that is always NaN
+  (:func:`check_temperature`), for metrics and losses NaN as well.
+* **Hyperparameter checks** (:func:`check_int`, :func:`check_real`) for the Python numbers that
+  configure detectors, heads and models: ``True`` is not a positive int, ``"0.5"`` not a number.
+
+Example:
+  >>> check_int("k", 5)
+  >>> check_int("chunk", True)
+  Traceback (most recent call last):
+  ...
+  ValueError: `chunk` must be a positive int; got True.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def is_concrete(*xs) -> bool:
+    """True when no leaf of ``xs`` (pytrees allowed) is a JAX tracer, so values can be read."""
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
+
+
+def as_array(name: str, x) -> jax.Array:
+    """``jnp.asarray(x)``, refusing a tuple or list of arrays with a message naming ``name``.
+
+    A model's ``apply`` often returns ``(logits, features)``; passing that pair where one array
+    is expected would otherwise fail deep inside NumPy ("inhomogeneous shape") or, worse, stack
+    two arrays of the same shape into a wrong one.
+
+    Example:
+      >>> as_array("logits", (jnp.zeros((2, 3)), jnp.zeros((2, 4))))
+      Traceback (most recent call last):
+      ...
+      TypeError: `logits` must be one array; got a tuple of 2 arrays (a model's (logits, ...
+    """
+    if isinstance(x, tuple | list) and any(np.ndim(v) >= 1 for v in x if hasattr(v, "shape")):
+        raise TypeError(
+            f"`{name}` must be one array; got a {type(x).__name__} of {len(x)} arrays (a model's "
+            "(logits, features) pair?). Pass one of them."
+        )
+    if x is None:
+        raise TypeError(f"`{name}` must be an array; got None.")
+    return jnp.asarray(x)
 
 
 def check_rank(name: str, x: jax.typing.ArrayLike, rank: int, expected: str) -> None:
@@ -54,17 +96,27 @@ def check_shape(name: str, x: jax.typing.ArrayLike, shape: Sequence[int], expect
         raise ValueError(f"`{name}` must have shape {expected} = {tuple(shape)}; got {actual}.")
 
 
-def is_concrete(*xs) -> bool:
-    """True when none of ``xs`` is a JAX tracer (so its values can be read on the host)."""
-    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+def _check_real_scalar(name: str, value) -> None:
+    """Static part of a scalar check: a real number (not bool/str), rank 0."""
+    if isinstance(value, bool | str | bytes) or value is None:
+        raise TypeError(f"`{name}` must be a real number; got {value!r}.")
+    try:
+        dtype = jnp.result_type(value)
+    except TypeError as e:
+        raise TypeError(f"`{name}` must be a real number; got {value!r}.") from e
+    if jnp.issubdtype(dtype, jnp.bool_) or not (
+        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    ):
+        raise TypeError(f"`{name}` must be a real number; got dtype {dtype}.")
+    if np.ndim(value) != 0:
+        raise ValueError(f"`{name}` must be a scalar; got shape {tuple(np.shape(value))}.")
 
 
 def check_positive_scalar(name: str, value) -> None:
-    """Checks a scalar hyperparameter such as a temperature: finite and ``> 0``.
+    """Checks a scalar that must be finite and ``> 0`` (a temperature, a scale).
 
     Static properties (a real number, rank 0) are checked always, also while tracing; the value
-    only when it is concrete (a Python number, a NumPy or a non-traced JAX scalar). A traced value
-    passes: functions that accept one document what they return for a bad value (NaN).
+    only when it is concrete (a Python number, a NumPy or a non-traced JAX scalar).
 
     Raises:
       TypeError: ``value`` is a bool, a string or not a real number.
@@ -77,35 +129,139 @@ def check_positive_scalar(name: str, value) -> None:
       ...
       ValueError: `temperature` must be a finite number > 0; got 0.0.
     """
-    if isinstance(value, bool | str | bytes) or value is None:
-        raise TypeError(f"`{name}` must be a real number; got {value!r}.")
-    try:
-        dtype = jnp.result_type(value)
-    except TypeError as e:
-        raise TypeError(f"`{name}` must be a real number; got {value!r}.") from e
-    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-        raise TypeError(f"`{name}` must be a real number; got dtype {dtype}.")
-    if np.ndim(value) != 0:
-        raise ValueError(f"`{name}` must be a scalar; got shape {tuple(np.shape(value))}.")
+    _check_real_scalar(name, value)
     if is_concrete(value):
         number = float(np.asarray(value))
         if not (np.isfinite(number) and number > 0):
             raise ValueError(f"`{name}` must be a finite number > 0; got {number!r}.")
 
 
+def check_temperature(temperature, dtype=None, *, name: str = "temperature") -> jax.Array:
+    """The one temperature check of the library; returns the temperature as a scalar array.
+
+    ``dtype`` (default: the value's own, weakly typed for a Python number, so that dividing
+    float32 or float64 logits by it keeps their dtype).
+
+    Every function and module that takes a temperature (the logit maps of
+    :mod:`isomax_jax.distances`, the heads, :func:`isomax_jax.scores.energy`, the energy and
+    ODIN detectors, calibration) calls this. **Eager** (a Python number or a concrete array): a
+    temperature that is not a finite number ``> 0`` raises ``ValueError``. **Traced** (an
+    argument of a jitted function): it cannot raise, so a bad value is replaced by NaN, and every
+    logit or score computed with it is NaN, never a sign-flipped or infinite number.
+
+    Example:
+      >>> check_temperature(2.0)
+      Array(2., dtype=float32, weak_type=True)
+      >>> jax.jit(check_temperature)(-1.0)
+      Array(nan, dtype=float32, weak_type=True)
+      >>> check_temperature(-1.0)
+      Traceback (most recent call last):
+      ...
+      ValueError: `temperature` must be a finite number > 0; got -1.0.
+    """
+    check_positive_scalar(name, temperature)
+    value = jnp.asarray(temperature, dtype)
+    if is_concrete(temperature):
+        return value
+    return jnp.where(jnp.isfinite(value) & (value > 0), value, jnp.nan)
+
+
+def check_int(name: str, value, *, minimum: int = 1, allow_none: bool = False) -> None:
+    """A hyperparameter that must be a Python (or NumPy) int ``>= minimum`` (bools refused).
+
+    Example:
+      >>> check_int("num_classes", 0)
+      Traceback (most recent call last):
+      ...
+      ValueError: `num_classes` must be a positive int; got 0.
+    """
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+    if not ok or value < minimum:
+        what = {1: "a positive int", 0: "a non-negative int"}.get(minimum, f"an int >= {minimum}")
+        none = "None or " if allow_none else ""
+        raise ValueError(f"`{name}` must be {none}{what}; got {value!r}.")
+
+
+def check_real(
+    name: str,
+    value,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    strict: bool = False,
+    allow_none: bool = False,
+) -> None:
+    """A hyperparameter that must be a finite real number in a range (bools and strings refused).
+
+    Args:
+      name: the hyperparameter's name.
+      value: its value.
+      minimum, maximum: the bounds (None: unbounded).
+      strict: ``value > minimum`` instead of ``>=``.
+      allow_none: accept ``None``.
+
+    Example:
+      >>> check_real("eps", -0.1, minimum=0.0)
+      Traceback (most recent call last):
+      ...
+      ValueError: `eps` must be a non-negative number; got -0.1.
+    """
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+    ok = ok and bool(np.isfinite(value))
+    if ok and minimum is not None:
+        ok = value > minimum if strict else value >= minimum
+    if ok and maximum is not None:
+        ok = value <= maximum
+    if not ok:
+        if minimum == 0 and maximum is None:
+            what = "a positive number" if strict else "a non-negative number"
+        elif minimum is not None and maximum is not None:
+            what = f"a number in {'(' if strict else '['}{minimum:g}, {maximum:g}]"
+        elif minimum is not None:
+            what = f"a number {'>' if strict else '>='} {minimum:g}"
+        elif maximum is not None:
+            what = f"a number <= {maximum:g}"
+        else:
+            what = "a finite number"
+        none = "None or " if allow_none else ""
+        raise ValueError(f"`{name}` must be {none}{what}; got {value!r}.")
+
+
+@jax.jit
+def _first_non_finite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    bad = ~jnp.isfinite(x)
+    return jnp.sum(bad, dtype=jnp.int32), jnp.argmax(bad.ravel())
+
+
 def check_finite(name: str, x: jax.typing.ArrayLike) -> None:
     """Eagerly raises ``ValueError`` if a concrete array holds NaN or infinite values.
 
-    The message gives the count and the index of the first one. A traced ``x`` is not checked.
+    The count is reduced on the array's device (two integers reach the host); the message gives
+    it and the index of the first bad value. A traced ``x`` is not checked. Non-floating arrays
+    are always finite.
+
+    Example:
+      >>> check_finite("features", jnp.array([[1.0, jnp.nan]]))
+      Traceback (most recent call last):
+      ...
+      ValueError: `features` must be finite; got 1 NaN/inf value(s), e.g. nan at index (0, 1).
     """
     if not is_concrete(x):
         return
-    bad = ~np.isfinite(np.asarray(x))
-    if bad.any():
-        index = tuple(int(i) for i in np.argwhere(bad)[0])
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact) or x.size == 0:
+        return
+    with jax.ensure_compile_time_eval():
+        count, flat = (int(v) for v in _first_non_finite(x))
+    if count:
+        index = tuple(int(i) for i in np.unravel_index(flat, x.shape))
         raise ValueError(
-            f"`{name}` must be finite; got {int(bad.sum())} NaN/inf value(s), e.g. "
-            f"{np.asarray(x)[index]} at index {index}."
+            f"`{name}` must be finite; got {count} NaN/inf value(s), e.g. "
+            f"{float(x[index])} at index {index}."
         )
 
 
@@ -120,8 +276,8 @@ def check_logits_labels(logits, labels) -> tuple[jax.Array, jax.Array]:
 
     Returns the logits in the compute dtype (float32 or wider) and the labels as arrays.
     """
-    logits = jnp.asarray(logits)
-    labels = jnp.asarray(labels)
+    logits = as_array("logits", logits)
+    labels = as_array("labels", labels)
     check_rank("logits", logits, 2, "[batch, num_classes]")
     check_floating("logits", logits)
     check_integer("labels", labels)
@@ -167,3 +323,21 @@ def validate_labels(labels: jax.typing.ArrayLike, num_classes: int) -> np.ndarra
             f"value(s), e.g. {array[index]} at index {index}."
         )
     return array
+
+
+__all__ = [
+    "as_array",
+    "check_finite",
+    "check_floating",
+    "check_int",
+    "check_integer",
+    "check_logits_labels",
+    "check_positive_scalar",
+    "check_rank",
+    "check_real",
+    "check_shape",
+    "check_temperature",
+    "compute_dtype",
+    "is_concrete",
+    "validate_labels",
+]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from isomax_jax import distances
+from isomax_jax import calibration, distances, heads, scores, validation
 from isomax_jax.distances import (
     dismax_logits,
     isomax_logits,
@@ -299,13 +299,15 @@ def test_head_matrix_products_run_at_highest_precision():
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan"), np.ones(2), "warm"])
 def test_temperature_must_be_finite_and_positive(bad):
     f, p, s = _inputs(13)
+    error = TypeError if isinstance(bad, str) else ValueError
     for call in (
         lambda: isomax_logits(f, p, temperature=bad),
         lambda: isomax_plus_logits(f, p, s, temperature=bad),
         lambda: dismax_logits(f, p, s, temperature=bad),
-        lambda: distances.check_temperature(bad),
+        lambda: scores.energy(f, temperature=bad),
+        lambda: validation.check_temperature(bad),
     ):
-        with pytest.raises(ValueError, match="`temperature`"):
+        with pytest.raises(error, match="`temperature`"):
             call()
     # A traced temperature cannot be checked; a valid one works under jit.
     logits = jax.jit(lambda t: isomax_logits(f, p, temperature=t))(2.0)
@@ -315,8 +317,34 @@ def test_temperature_must_be_finite_and_positive(bad):
 def test_sign_flipped_temperature_no_longer_silent():
     """Issue 13: ``isomax_logits(f, P, temperature=-1.0)`` returned sign-flipped logits."""
     f, p, _ = _inputs(14)
-    with pytest.raises(ValueError, match="`temperature` must be a finite scalar > 0; got -1.0"):
+    with pytest.raises(ValueError, match="`temperature` must be a finite number > 0; got -1.0"):
         isomax_logits(f, p, temperature=-1.0)
+
+
+@pytest.mark.parametrize("bad", [-1.0, 0.0, np.inf, np.nan])
+def test_traced_bad_temperature_gives_nan_everywhere(bad):
+    """Issue 22.8: under jit, temperature=-1 gave sign-flipped logits and a NaN-free energy of
+    them; one check (validation.check_temperature) now makes every result NaN."""
+    f, p, s = _inputs(15)
+    z = jnp.asarray(f[:, :4])
+    labels = jnp.arange(f.shape[0]) % 4
+    linen = heads.IsoMaxPlusHead(num_classes=4)
+    variables = linen.init(jax.random.key(0), f)
+    calls = {
+        "isomax_logits": lambda t: isomax_logits(f, p, temperature=t),
+        "isomax_plus_logits": lambda t: isomax_plus_logits(f, p, s, temperature=t),
+        "dismax_logits": lambda t: dismax_logits(f, p, s, temperature=t),
+        "energy": lambda t: scores.energy(z, temperature=t),
+        "linen head": lambda t: linen.clone(temperature=t).apply(variables, f),
+        "softmax head": lambda t: heads.SoftMaxHead(4, temperature=t).apply(
+            heads.SoftMaxHead(4).init(jax.random.key(1), f), f
+        ),
+        "ece": lambda t: calibration.expected_calibration_error(z, labels, temperature=t),
+    }
+    for name, call in calls.items():
+        out = np.asarray(jax.jit(call)(bad))
+        assert np.all(np.isnan(out)), name
+        assert np.all(np.isfinite(np.asarray(jax.jit(call)(1.5)))), name
 
 
 def test_bad_inputs():

@@ -115,7 +115,7 @@ def test_bad_feature_shapes(key):
         head.init(key, jnp.ones((2, 4, 4)))
     variables = head.init(key, jnp.ones((2, 4)))
     with pytest.raises(
-        ValueError, match=r"`prototypes` has shape \(3, 4\) \(expected \[num_classes, 5\]\)"
+        ValueError, match=r"`features` must have shape \[batch, 4\] .*\(3, 4\)\); got \(2, 5\)"
     ):
         head.apply(variables, jnp.ones((2, 5)))
 
@@ -132,3 +132,15 @@ def test_temperature_must_be_finite_and_positive(bad, key):
         # Calibration's clone(temperature=...) path is checked as well.
         with pytest.raises(ValueError, match="`temperature`"):
             cls(num_classes=3).clone(temperature=bad).apply(variables, features)
+
+
+def test_num_classes_must_be_a_positive_int(key):
+    """Issue 22.7: Linen heads accepted num_classes=0 (NNX and get_model refused it)."""
+    for cls in (*HEADS.values(), heads.SoftMaxHead):
+        for bad in (0, -3, True, 2.0):
+            with pytest.raises(ValueError, match="`num_classes` must be a positive int"):
+                cls(num_classes=bad)
+    features = jnp.ones((2, 4))
+    variables = heads.SoftMaxHead(3).init(key, features)
+    with pytest.raises(ValueError, match=r"`features` must have shape \[batch, 4\] .*\(2, 5\)"):
+        heads.SoftMaxHead(3).apply(variables, jnp.ones((2, 5)))

@@ -6,7 +6,7 @@ import sys
 CORE = [
     "distances", "losses", "heads", "nnx", "scores", "calibration", "validation", "detectors",
     "registry", "metrics", "thresholds", "tables", "train", "parallel", "models",
-    "checkpointing", "distributed", "torch_import",
+    "checkpointing", "distributed", "torch_import", "detector_format",
 ]  # fmt: skip
 
 
@@ -15,6 +15,25 @@ def test_import_does_not_pull_tensorflow_or_torch():
     code = (
         "import sys, isomax_jax\n"
         f"import {modules}\n"
+        "heavy = sorted(m for m in ('tensorflow', 'torch', 'tensorflow_datasets') "
+        "if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "", f"heavy modules imported: {result.stdout.strip()}"
+
+
+def test_subpackages_are_attributes_without_heavy_imports():
+    """Issue 22.1: `isomax_jax.nnx.IsoMaxHead` (as the README writes it) raised AttributeError;
+    also `isomax_jax.models` and `isomax_jax.torch_import`."""
+    code = (
+        "import sys, isomax_jax\n"
+        "assert isomax_jax.nnx.IsoMaxHead.__name__ == 'IsoMaxHead'\n"
+        "assert callable(isomax_jax.models.get_model)\n"
+        "assert callable(isomax_jax.torch_import.load_torch_checkpoint)\n"
+        "assert callable(isomax_jax.train.train_step) and 'nnx' in dir(isomax_jax)\n"
         "heavy = sorted(m for m in ('tensorflow', 'torch', 'tensorflow_datasets') "
         "if m in sys.modules)\n"
         "print(','.join(heavy))\n"

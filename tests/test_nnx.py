@@ -85,3 +85,16 @@ def test_temperature_must_be_finite_and_positive(bad):
         head.temperature = bad  # set after construction: refused when called
         with pytest.raises(ValueError, match="`temperature`"):
             head(jnp.ones((2, 4)))
+
+
+def test_missing_rngs_named_and_signature_shown():
+    """Issue 22.7: without rngs the error named a private class; the signature was
+    (*args, **kwargs)."""
+    import inspect
+
+    for cls in (isomax_nnx.IsoMaxPlusHead, isomax_nnx.DisMaxHead):
+        with pytest.raises(TypeError, match=rf"{cls.__name__} needs `rngs`, an nnx.Rngs"):
+            cls(8, 3)
+        params = list(inspect.signature(cls).parameters)
+        assert params[:2] == ["num_features", "num_classes"] and "rngs" in params
+    assert isomax_nnx.IsoMaxHead(8, 3).prototypes.shape == (3, 8)  # zeros: no rngs needed

@@ -177,7 +177,7 @@ def test_bad_inputs_are_rejected():
         train.train_step(state, {"image": batch["image"]})
     with pytest.raises(ValueError, match=r"batch\['mask'\] must be \[B\]=\(4,\), got shape \(2,\)"):
         train.eval_step(state, {**batch, "mask": np.ones(2, bool)})
-    with pytest.raises(ValueError, match=r"head must be one of .*, got 'cosine'"):
+    with pytest.raises(ValueError, match=r"`head` must be one of .*; got 'cosine'"):
         train.LossConfig("cosine")
     with pytest.raises(ValueError, match=r"fpr=True needs head='dismax', got head='isomax'"):
         train.LossConfig("isomax", fpr=True)

@@ -20,9 +20,10 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from isomax_jax import registry
+from isomax_jax import registry, validation
+from isomax_jax.heads import SoftMaxHead
 from isomax_jax.models import densenet, resnet, wide_resnet
-from isomax_jax.models.classifier import Classifier, SoftMaxHead
+from isomax_jax.models.classifier import Classifier
 
 #: name -> (backbone factory, feature dimension). A backbone maps ``(images, train=)`` to
 #: float32 features ``[batch, D]`` and has the fields ``bn_axis_name`` and ``dtype``, which
@@ -39,18 +40,10 @@ HEADS: tuple[str, ...] = registry.HEAD_NAMES  # titles and pairings: isomax_jax.
 
 
 def make_head(head: str, *, num_classes: int, temperature: float = 1.0) -> nn.Module:
-    """The head called ``head`` (one of :data:`HEADS`), named ``classifier``."""
-    from isomax_jax import heads
-
-    factories = {
-        "softmax": SoftMaxHead,
-        "isomax": heads.IsoMaxHead,
-        "isomax_plus": heads.IsoMaxPlusHead,
-        "dismax": heads.DisMaxHead,
-    }
-    if head not in factories:
-        raise ValueError(f"`head` must be one of {list(HEADS)}; got {head!r}.")
-    return factories[head](num_classes, temperature=temperature, name="classifier")
+    """The head called ``head`` (one of :data:`HEADS`), named ``classifier``: the registry's
+    Linen module (:meth:`isomax_jax.registry.HeadSpec.linen`)."""
+    spec = registry.head(head)
+    return spec.linen(num_classes, temperature=temperature, name="classifier")
 
 
 def get_model(
@@ -89,10 +82,8 @@ def get_model(
     """
     if name not in BACKBONES:
         raise ValueError(f"`name` must be one of {sorted(BACKBONES)}; got {name!r}.")
-    if head not in HEADS:
-        raise ValueError(f"`head` must be one of {list(HEADS)}; got {head!r}.")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"`num_classes` must be a positive int; got {num_classes!r}.")
+    registry.head(head)
+    validation.check_int("num_classes", num_classes)
     try:
         dtype = jnp.dtype(dtype)
     except TypeError as error:

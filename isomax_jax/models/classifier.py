@@ -1,4 +1,4 @@
-"""A backbone plus a classification head, and the SoftMax (linear) head.
+"""A backbone plus a classification head (the SoftMax head lives in :mod:`isomax_jax.heads`).
 
 :class:`Classifier` is what :func:`isomax_jax.models.get_model` returns: it checks the images,
 runs the backbone to pooled features ``[batch, features]`` and the head (submodule
@@ -9,60 +9,12 @@ and the scores still run in float32.
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from isomax_jax import distances
-
-
-def _uniform_fan_in(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-    """``U(-sqrt(1 / D), sqrt(1 / D))`` for a ``[D, C]`` kernel (the reference SoftMax head)."""
-    bound = math.sqrt(1.0 / shape[0])
-    return jax.random.uniform(key, shape, dtype, minval=-bound, maxval=bound)
-
-
-class SoftMaxHead(nn.Module):
-    """Linear head ``logits = (f @ kernel + bias) / T``, the reference ``SoftMaxLossFirstPart``.
-
-    ``kernel`` is ``[D, C]`` (the transpose of the reference's ``weights`` ``[C, D]``), initialised
-    ``U(±sqrt(1/D))``; ``bias`` ``[C]`` starts at 0.
-
-    Attributes:
-      num_classes: number of classes ``C``.
-      temperature: ``T``, a finite scalar > 0, not trained (1 unless calibrated).
-      param_dtype: dtype of the parameters.
-
-    Example:
-      >>> head = SoftMaxHead(num_classes=3)
-      >>> variables = head.init(jax.random.key(0), jnp.ones((2, 4)))
-      >>> jax.tree.map(jnp.shape, variables["params"])
-      {'bias': (3,), 'kernel': (4, 3)}
-      >>> head.apply(variables, jnp.ones((2, 4))).shape
-      (2, 3)
-    """
-
-    num_classes: int
-    temperature: float = 1.0
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, features: jax.typing.ArrayLike) -> jax.Array:
-        """Maps ``[batch, features]`` to ``[batch, num_classes]`` logits."""
-        distances.check_temperature(self.temperature)
-        features = jnp.asarray(features)
-        if features.ndim != 2:
-            raise ValueError(
-                f"`features` must have rank 2 with shape [batch, features]; got shape "
-                f"{features.shape}."
-            )
-        dim = features.shape[-1]
-        kernel = self.param("kernel", _uniform_fan_in, (dim, self.num_classes), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.num_classes,), self.param_dtype)
-        return (features @ kernel + bias[None, :]) / self.temperature
+from isomax_jax.heads import SoftMaxHead  # noqa: F401  (its historical home)
 
 
 class Classifier(nn.Module):
