@@ -538,23 +538,23 @@ def test_non_finite_inputs():
     bad = data["features"].copy()
     bad[3, 2] = np.nan
     for name in ("mahalanobis", "relative_mahalanobis", "knn", "vim", "react"):
-        with pytest.raises(ValueError, match="`features` contains 1 NaN or inf"):
+        with pytest.raises(ValueError, match=r"`features` must be finite; got 1 .* \(3, 2\)"):
             detectors.get(name).fit(
                 features=bad, labels=data["labels"], kernel=data["kernel"], bias=data["bias"]
             )
     z = data["test_logits"].copy()
     z[0, 0] = np.inf
-    with pytest.raises(ValueError, match="`logits` contains 1 NaN or inf"):
+    with pytest.raises(ValueError, match="`logits` must be finite; got 1 NaN/inf"):
         detectors.get("energy").score({}, logits=z)
     det, state, inputs = _fit_score("knn", data)
     inputs["features"] = inputs["features"].copy()
     inputs["features"][5, 0] = np.nan
-    with pytest.raises(ValueError, match="`features` contains"):
+    with pytest.raises(ValueError, match="`features` must be finite"):
         det.score(state, **inputs)
     # Under jit values cannot be checked: the documented behaviour is a non-finite score there.
     out = jax.jit(lambda s, f: det.score(s, features=f))(state, inputs["features"])
     assert not np.isfinite(out[5]) and np.all(np.isfinite(np.delete(np.asarray(out), 5)))
-    with pytest.raises(ValueError, match="`images` contains"):
+    with pytest.raises(ValueError, match="`images` must be finite"):
         apply_fn, *_, images = linear_model()
         images[0, 0, 0, 0] = np.nan
         detectors.get("odin").score_images({}, apply_fn, images)
@@ -585,8 +585,9 @@ def test_other_bad_inputs():
         detectors.get("msp").score({}, logits=data["test_logits"][0])
     with pytest.raises(TypeError, match="`features` must have a floating-point dtype"):
         detectors.get("knn", k=2).fit(features=np.ones((4, 3), np.int32))
+    knn_state = detectors.get("knn", k=2).fit(features=data["features"])
     with pytest.raises(ValueError, match="`features` is empty"):
-        detectors.get("knn", k=2).score(state, features=np.zeros((0, 8), np.float32))
+        detectors.get("knn", k=2).score(knn_state, features=np.zeros((0, 8), np.float32))
     with pytest.raises(ValueError, match="prunes all"):
         detectors.get("ash", percentile=100).score(
             {}, features=data["test"], head_fn=head_fn_of(data)
@@ -608,3 +609,57 @@ def test_docs_example_runs(capsys):
     exec(compile(code, "docs/detectors.md", "exec"), {})
     printed = capsys.readouterr().out.split()
     assert "ES" in printed and "ViM" in printed and "ODIN" not in printed
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_score_images_takes_logits_only_a_pair_or_a_dict(batch):
+    """Issue 22.3: an apply_fn returning only logits gave a different unrelated error for each
+    batch size (the [B, C] array was unpacked as a pair of rows)."""
+    apply_fn, *_, images = linear_model()
+    images = images[:batch].astype(np.float32)
+    logits_only = lambda x: apply_fn(x)[0]  # noqa: E731
+    as_dict = lambda x: dict(zip(("logits", "features"), apply_fn(x), strict=True))  # noqa: E731
+    for name in ("odin", "msp"):
+        det = detectors.get(name)
+        want = det.score_images({}, apply_fn, images)
+        assert want.shape == (batch,)
+        np.testing.assert_array_equal(det.score_images({}, logits_only, images), want)
+        np.testing.assert_array_equal(det.score_images({}, as_dict, images), want)
+        with pytest.raises(TypeError, match=r"`apply_fn` must return logits .* tuple of 3"):
+            det.score_images({}, lambda x: (*apply_fn(x), x), images)
+    data = make_data(dtype=np.float32)
+    maha = detectors.get("mahalanobis", eps=0.01)
+    to_features = jnp.asarray(linear_model()[1], jnp.float32)
+    state = maha.fit(features=data["features"], labels=data["labels"])
+    with_features = lambda x: (x[:, 0, 0, :1] * 0, x.reshape(x.shape[0], -1) @ to_features)  # noqa: E731
+    assert maha.score_images(state, with_features, images).shape == (batch,)
+    with pytest.raises(ValueError, match="needs features: `apply_fn` must return"):
+        maha.score_images(state, lambda x: with_features(x)[0], images)
+
+
+def test_rough_edges_of_detector_arguments():
+    """Issue 22.7: a KNN state given to Mahalanobis raised a bare KeyError; `percentile=0.65`
+    (a fraction) and `chunk=True` were accepted; the (logits, features) pair where one array is
+    expected gave NumPy's "inhomogeneous shape"."""
+    data = make_data(dtype=np.float32)
+    knn_state = detectors.get("knn", k=5).fit(features=data["features"])
+    with pytest.raises(ValueError, match=r"`state` was not fitted by `mahalanobis`.*'bank'"):
+        detectors.get("mahalanobis").score(knn_state, features=data["test"])
+    with pytest.raises(ValueError, match=r"looks like a fraction .* pass 65"):
+        detectors.get("ash", percentile=0.65)
+    with pytest.raises(ValueError, match=r"looks like a fraction"):
+        detectors.get("react", percentile=0.9)
+    assert detectors.get("ash", percentile=0).percentile == 0  # 0 and 1..100 are percentiles
+    for name, field in (("mahalanobis", "chunk"), ("knn", "k"), ("vim", "chunk"), ("gen", "M")):
+        with pytest.raises(ValueError, match=f"`{field}` must be a positive int; got True"):
+            detectors.get(name, **{field: True})
+    for name, field in (("energy", "temperature"), ("odin", "temperature")):
+        with pytest.raises(ValueError, match=f"`{field}` must be a finite number > 0"):
+            detectors.get(name, **{field: -1.0})
+    with pytest.raises(ValueError, match="`eps` must be a non-negative number; got -0.1"):
+        detectors.get("mahalanobis", eps=-0.1)
+    pair = (data["test_logits"], data["test"])
+    with pytest.raises(TypeError, match=r"`logits` must be one array; got a tuple of 2"):
+        detectors.get("energy").score({}, logits=pair)
+    with pytest.raises(TypeError, match=r"`features` must be one array; got a tuple of 2"):
+        detectors.get("knn", k=5).fit(features=pair)

@@ -62,6 +62,10 @@ _REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in _CLASSES}
 NAMES: tuple[str, ...] = tuple(_REGISTRY)
 """Every registered detector name, in table order."""
 
+ALIASES: dict[str, str] = {"max_probability": "msp"}
+"""Other names accepted by :func:`get`: ``max_probability`` is the function of
+:mod:`isomax_jax.scores` for ``msp`` (whose report title is the IsoMax papers' "MPS")."""
+
 
 def hyperparameters(name: str) -> dict[str, object]:
     """The hyperparameters of detector ``name`` and their defaults (the papers' defaults)."""
@@ -96,9 +100,10 @@ def get(name: str, **hparams) -> Detector:
 
 
 def _lookup(name: str) -> type[Detector]:
+    name = ALIASES.get(name, name) if isinstance(name, str) else name
     if name not in _REGISTRY:
         raise ValueError(f"unknown detector {name!r}; valid names: {', '.join(NAMES)}.")
     return _REGISTRY[name]
 
 
-__all__ = ["HEADS", "INPUT_NAMES", "NAMES", "Detector", "get", "hyperparameters"]
+__all__ = ["ALIASES", "HEADS", "INPUT_NAMES", "NAMES", "Detector", "get", "hyperparameters"]

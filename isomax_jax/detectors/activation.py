@@ -14,14 +14,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from isomax_jax import scores
+from isomax_jax import scores, validation
 from isomax_jax.detectors import chunked
-from isomax_jax.detectors.base import Detector, as_matrix, check_finite
+from isomax_jax.detectors.base import Detector, as_matrix
 
 
 def _check_percentile(value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 100:
-        raise ValueError(f"`percentile` must be a number in [0, 100]; got {value!r}.")
+    """A percentile in [0, 100]; a value in (0, 1) is refused as a likely fraction."""
+    validation.check_real("percentile", value, minimum=0, maximum=100)
+    if 0 < value < 1:
+        raise ValueError(
+            f"`percentile` is in percent, in [0, 100]; got {value!r}, which looks like a fraction "
+            f"(pytorch-ood writes 0.65 for the 65th percentile): pass {100 * value:g}. Percentiles "
+            "between 0 and 1 are refused."
+        )
 
 
 def _head_logits(head_fn, features: jax.Array) -> jax.Array:
@@ -51,15 +57,15 @@ class ReAct(Detector):
     title = "ReAct"
     fit_inputs = frozenset({"features"})
     score_inputs = frozenset({"features", "head_fn"})
+    state_keys = frozenset({"threshold"})
 
     def __post_init__(self):
         _check_percentile(self.percentile)
-        if not isinstance(self.chunk, int) or self.chunk < 1:
-            raise ValueError(f"`chunk` must be a positive int; got {self.chunk!r}.")
+        validation.check_int("chunk", self.chunk)
 
     def _fit(self, *, features, **_):
         x = as_matrix("features", features, "[N, D]")
-        check_finite("features", x)
+        validation.check_finite("features", x)
         return {"threshold": chunked.percentile(x, float(self.percentile), chunk=self.chunk)}
 
     def _score(self, state, head_fn, *, features):

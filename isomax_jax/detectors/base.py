@@ -18,39 +18,49 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from isomax_jax import validation
+from isomax_jax import registry, validation
 
-HEADS = ("softmax", "isomax", "isomax_plus", "dismax")
-"""The classification heads :meth:`Detector.applies_to` knows about."""
-DISTANCE_HEADS = frozenset(("isomax", "isomax_plus", "dismax"))
+HEADS = registry.HEAD_NAMES
+"""The classification heads :meth:`Detector.applies_to` knows about (:data:`registry.HEADS`)."""
+DISTANCE_HEADS = registry.DISTANCE_HEADS
 INPUT_NAMES = ("features", "logits", "labels", "head_fn", "kernel", "bias")
 _ARRAY_INPUTS = ("features", "logits", "kernel", "bias")
 
-State = dict[str, Any]
+State = chex.ArrayTree
 
 
-def is_concrete(*xs) -> bool:
-    """True when no argument is a tracer, so value checks can run eagerly."""
-    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
+def model_outputs(outputs: Any, name: str = "apply_fn") -> tuple[jax.Array, jax.Array | None]:
+    """``(logits, features or None)`` of what a model's apply function returned.
 
-
-def check_finite(name: str, x: jax.Array) -> None:
-    """Raises ``ValueError`` if concrete ``x`` holds NaN or inf (no-op on tracers)."""
-    if is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
-        bad = int(jnp.sum(~jnp.isfinite(x)))
-        raise ValueError(f"`{name}` contains {bad} NaN or inf value(s); scores would be NaN.")
+    Accepted: logits ``[B, C]`` alone, a ``(logits, features)`` pair, or a mapping with
+    ``"logits"`` (and ``"features"``). Anything else raises one ``TypeError`` naming ``name``.
+    """
+    if isinstance(outputs, Mapping) and "logits" in outputs:
+        return outputs["logits"], outputs.get("features")
+    if isinstance(outputs, tuple | list) and len(outputs) == 2:
+        return outputs[0], outputs[1]
+    if hasattr(outputs, "shape") and hasattr(outputs, "dtype"):
+        return outputs, None
+    what = f"a {type(outputs).__name__}"
+    if isinstance(outputs, tuple | list):
+        what += f" of {len(outputs)} items"
+    raise TypeError(
+        f"`{name}` must return logits [batch, num_classes], a (logits, features) pair or a dict "
+        f"with 'logits' (and 'features'); it returned {what}."
+    )
 
 
 def as_matrix(name: str, x: jax.typing.ArrayLike, expected: str) -> jax.Array:
     """A floating ``[rows, cols]`` array in the compute dtype (float32 or wider), checked."""
-    x = jnp.asarray(x)
+    x = validation.as_array(name, x)
     validation.check_rank(name, x, 2, expected)
     validation.check_floating(name, x)
     if x.shape[0] == 0:
@@ -73,7 +83,7 @@ def check_labels(labels, num_rows: int, num_classes: int | None, logits) -> tupl
     ``C`` is ``num_classes`` if given, else the width of ``logits`` if given, else
     ``max(labels) + 1``. Every class ``0 .. C - 1`` must occur.
     """
-    labels = jnp.asarray(labels)
+    labels = validation.as_array("labels", labels)
     validation.check_rank("labels", labels, 1, "[batch]")
     validation.check_shape("labels", labels, (num_rows,), "[batch] (one per row of `features`)")
     if logits is not None:
@@ -106,6 +116,7 @@ class Detector:
       title: a short display title for tables.
       fit_inputs / score_inputs: the inputs ``fit`` / ``score`` need; ``inputs`` is their union.
       heads: the heads the detector applies to (see :meth:`applies_to`).
+      state_keys: the keys of the state ``fit`` returns (checked by ``score``).
     """
 
     name: ClassVar[str] = ""
@@ -113,12 +124,18 @@ class Detector:
     fit_inputs: ClassVar[frozenset[str]] = frozenset()
     score_inputs: ClassVar[frozenset[str]] = frozenset()
     heads: ClassVar[frozenset[str]] = frozenset(HEADS)
+    state_keys: ClassVar[frozenset[str]] = frozenset()
 
     @property
     def inputs(self) -> frozenset[str]:
         """What ``fit`` and ``score`` need, among ``features, logits, labels, head_fn, kernel,
         bias``."""
         return self.fit_inputs | self.score_inputs
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """This detector's hyperparameters and their values (``detectors.get(name, **them)``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @property
     def needs_images(self) -> bool:
@@ -129,11 +146,9 @@ class Detector:
         """Whether the detector is meaningful for a model with this head (see the module table).
 
         Raises:
-          ValueError: if ``head`` is not one of ``softmax, isomax, isomax_plus, dismax``.
+          ValueError: if ``head`` is not a head of :data:`isomax_jax.registry.HEADS`.
         """
-        if head not in HEADS:
-            raise ValueError(f"`head` must be one of {', '.join(HEADS)}; got {head!r}.")
-        return head in self.heads
+        return registry.head(head).name in self.heads
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -169,7 +184,7 @@ class Detector:
         if not self.fit_inputs:
             return {}
         self._require(self.fit_inputs, given, "fit")
-        if not is_concrete(features, logits, labels, kernel, bias):
+        if not validation.is_concrete(features, logits, labels, kernel, bias):
             raise TypeError(f"`{self.name}.fit` needs concrete arrays; call it outside jax.jit.")
         return self._fit(**given)
 
@@ -205,19 +220,21 @@ class Detector:
     def score_images(
         self,
         state: State,
-        apply_fn: Callable[[jax.Array], tuple[jax.Array, jax.Array]],
+        apply_fn: Callable[[jax.Array], Any],
         images: jax.typing.ArrayLike,
         *,
         head_fn: Callable | None = None,
         kernel: jax.typing.ArrayLike | None = None,
         bias: jax.typing.ArrayLike | None = None,
     ) -> jax.Array:
-        """Scores images through ``apply_fn(images) -> (logits [B, C], features [B, D])``.
+        """Scores images through a model's ``apply_fn(images)``.
 
-        ``apply_fn`` must treat examples independently (a model in eval mode). Detectors
-        without input perturbation simply score ``apply_fn(images)``.
+        ``apply_fn`` returns logits ``[B, C]``, a ``(logits [B, C], features [B, D])`` pair or a
+        dict with ``"logits"`` (and ``"features"``); a detector that needs features raises
+        ``ValueError`` when it gets logits only. It must treat examples independently (a model in
+        eval mode). Detectors without input perturbation simply score ``apply_fn(images)``.
         """
-        logits, features = apply_fn(jnp.asarray(images))
+        logits, features = model_outputs(apply_fn(validation.as_array("images", images)))
         return self.score(
             state, features=features, logits=logits, head_fn=head_fn, kernel=kernel, bias=bias
         )
@@ -227,18 +244,33 @@ class Detector:
     def _checked_score(self, state: State, given: dict[str, Any]) -> jax.Array:
         """``score`` without the ``needs_images`` guard: checks, then the jitted ``_score``."""
         self._require(self.score_inputs, given, "score")
+        self.check_state(state)
         arrays = {k: given[k] for k in _ARRAY_INPUTS if k in self.score_inputs}
         arrays = self._prepare(state, **arrays)
         head_fn = given.get("head_fn") if "head_fn" in self.score_inputs else None
         scores, bad = _score_jit(self, head_fn, state, arrays)
-        if is_concrete(bad):  # eager call: the finiteness counts came with the scores
+        if validation.is_concrete(bad):  # eager call: the finiteness counts came with the scores
             for key in sorted(bad):
                 if int(bad[key]):
-                    raise ValueError(
-                        f"`{key}` contains {int(bad[key])} NaN or inf value(s); scores would be "
-                        "NaN."
-                    )
+                    validation.check_finite(key, arrays[key])  # raises, naming the first one
         return scores
+
+    def check_state(self, state: State) -> None:
+        """Raises ``ValueError`` unless ``state`` has the keys this detector's ``fit`` returns.
+
+        Catches a state fitted by another detector (a KNN bank passed to Mahalanobis) before it
+        fails with a bare ``KeyError`` inside the score.
+        """
+        if not self.state_keys:
+            return
+        keys = sorted(state) if isinstance(state, Mapping) else None
+        if keys is None or not self.state_keys <= set(keys):
+            got = f"keys {keys}" if keys is not None else f"a {type(state).__name__}"
+            raise ValueError(
+                f"`state` was not fitted by `{self.name}`: expected keys "
+                f"{sorted(self.state_keys)}, got {got}; fit it with "
+                f"detectors.get({self.name!r}).fit(...)."
+            )
 
     def _fit(self, **inputs) -> State:  # pragma: no cover - every fitted detector overrides it
         raise NotImplementedError
@@ -261,6 +293,9 @@ class Detector:
                 f"`{self.name}.{method}` needs `{missing[0]}` (it uses "
                 f"{', '.join(sorted(needed))}); got {missing[0]}=None."
             )
+        for k in needed:
+            if k != "head_fn" and isinstance(given.get(k), tuple | list):
+                validation.as_array(k, given[k])  # names the argument
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

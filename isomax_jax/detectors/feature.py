@@ -21,14 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from isomax_jax import validation
 from isomax_jax.detectors import chunked
 from isomax_jax.detectors.base import (
     Detector,
     as_matrix,
-    check_finite,
     check_labels,
     check_width,
     images_jit,
+    model_outputs,
 )
 from isomax_jax.detectors.perturbation import check_images, check_norm_std, perturb
 
@@ -74,25 +75,27 @@ def squared_distances(x: jax.Array, means: jax.Array, white: jax.Array) -> jax.A
 
 
 def _check_common(detector) -> None:
-    if not isinstance(detector.ridge, (int, float)) or not detector.ridge >= 0:
-        raise ValueError(f"`ridge` must be a non-negative number; got {detector.ridge!r}.")
-    if detector.num_classes is not None and (
-        not isinstance(detector.num_classes, int) or detector.num_classes < 1
-    ):
-        raise ValueError(
-            f"`num_classes` must be None or a positive int; got {detector.num_classes!r}."
-        )
-    if not isinstance(detector.chunk, int) or detector.chunk < 1:
-        raise ValueError(f"`chunk` must be a positive int; got {detector.chunk!r}.")
+    validation.check_real("ridge", detector.ridge, minimum=0)
+    validation.check_int("num_classes", detector.num_classes, allow_none=True)
+    validation.check_int("chunk", detector.chunk)
 
 
 def _fit_features(features, labels, logits, num_classes):
     x = as_matrix("features", features, "[N, D]")
-    check_finite("features", x)
+    validation.check_finite("features", x)
     if logits is not None:
-        check_finite("logits", jnp.asarray(logits))
+        validation.check_finite("logits", jnp.asarray(logits))
     y, num_classes = check_labels(labels, x.shape[0], num_classes, logits)
     return x, y, num_classes
+
+
+def _needed(features):
+    if features is None:
+        raise ValueError(
+            "`mahalanobis.score_images` needs features: `apply_fn` must return (logits, features) "
+            "or a dict with 'features'; it returned logits only."
+        )
+    return features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,11 +129,11 @@ class Mahalanobis(Detector):
     title = "Mahalanobis"
     fit_inputs = frozenset({"features", "labels"})
     score_inputs = frozenset({"features"})
+    state_keys = frozenset({"means", "whitening"})
 
     def __post_init__(self):
         _check_common(self)
-        if not isinstance(self.eps, (int, float)) or not self.eps >= 0:
-            raise ValueError(f"`eps` must be a non-negative number; got {self.eps!r}.")
+        validation.check_real("eps", self.eps, minimum=0)
         check_norm_std(self.norm_std)
 
     @property
@@ -158,19 +161,20 @@ class Mahalanobis(Detector):
         jitted with ``apply_fn`` static (pass the same function object to reuse the compilation).
         """
         images = check_images(images, self.norm_std)
+        self.check_state(state)
         return images_jit(self, apply_fn, state, images)
 
     def _score_images(self, state, apply_fn, images):
         def loss(logits, features):
-            d2 = squared_distances(features, state["means"], state["whitening"])
+            d2 = squared_distances(_needed(features), state["means"], state["whitening"])
             nearest = jnp.argmin(jax.lax.stop_gradient(d2), axis=1)
             return jnp.take_along_axis(d2, nearest[:, None], axis=1)[:, 0]
 
         x = images
         if self.eps > 0:
             x = perturb(apply_fn, images, loss, eps=self.eps, norm_std=self.norm_std)
-        _, features = apply_fn(x)
-        return self._score(state, None, **self._prepare(state, features=features))
+        _, features = model_outputs(apply_fn(x))
+        return self._score(state, None, **self._prepare(state, features=_needed(features)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +200,7 @@ class RelativeMahalanobis(Detector):
     title = "RMD"
     fit_inputs = frozenset({"features", "labels"})
     score_inputs = frozenset({"features"})
+    state_keys = frozenset({"means", "whitening", "background_mean", "background_whitening"})
 
     def __post_init__(self):
         _check_common(self)

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from isomax_jax.detectors.base import Detector, as_matrix, check_finite, check_width
+from isomax_jax import validation
+from isomax_jax.detectors.base import Detector, as_matrix, check_width
 
 
 def normalize(x: jax.Array) -> jax.Array:
@@ -100,18 +101,17 @@ class KNN(Detector):
     title = "KNN"
     fit_inputs = frozenset({"features"})
     score_inputs = frozenset({"features"})
+    state_keys = frozenset({"bank", "bank_sq_norms"})
 
     def __post_init__(self):
         for field in ("k", "bank_chunk", "query_chunk"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{field}` must be a positive int; got {value!r}.")
+            validation.check_int(field, getattr(self, field))
         if not isinstance(self.normalize, bool):
             raise ValueError(f"`normalize` must be a bool; got {self.normalize!r}.")
 
     def _fit(self, *, features, **_):
         x = as_matrix("features", features, "[N, D]")
-        check_finite("features", x)
+        validation.check_finite("features", x)
         n, dim = x.shape
         if n < self.k:
             raise ValueError(f"`features` has {n} rows; k={self.k} needs at least {self.k}.")

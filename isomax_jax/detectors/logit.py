@@ -26,7 +26,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from isomax_jax import scores
+from isomax_jax import scores, validation
 from isomax_jax.detectors.base import DISTANCE_HEADS, Detector
 
 _LOGITS = frozenset({"logits"})
@@ -87,7 +87,7 @@ class Energy(_LogitDetector):
     title = "energy"
 
     def __post_init__(self):
-        _check_positive("temperature", self.temperature)
+        validation.check_temperature(self.temperature)
 
     def _score(self, state, head_fn, *, logits):
         return scores.energy(logits, temperature=self.temperature)
@@ -113,9 +113,8 @@ class GEN(_LogitDetector):
     title = "GEN"
 
     def __post_init__(self):
-        _check_positive("gamma", self.gamma)
-        if not isinstance(self.M, int) or self.M < 1:
-            raise ValueError(f"`M` must be a positive integer; got {self.M!r}.")
+        validation.check_real("gamma", self.gamma, minimum=0, strict=True)
+        validation.check_int("M", self.M)
 
     def _score(self, state, head_fn, *, logits):
         log_p = jax.nn.log_softmax(logits, axis=1)
@@ -189,11 +188,6 @@ class MMLES(_LogitDetector):
 
     def _score(self, state, head_fn, *, logits):
         return scores.mmles(logits)
-
-
-def _check_positive(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"`{name}` must be a positive number; got {value!r}.")
 
 
 DETECTORS = (MSP, MaxLogit, Energy, GEN, Entropic, MinDistance, MMLS, MMLES)

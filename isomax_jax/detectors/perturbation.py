@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 
 from isomax_jax import scores, validation
-from isomax_jax.detectors.base import Detector, check_finite, images_jit
+from isomax_jax.detectors.base import Detector, images_jit, model_outputs
 
 
 def check_images(images, norm_std) -> jax.Array:
     """Static and (when concrete) value checks of ``images`` ``[B, ..., channels]``."""
-    images = jnp.asarray(images)
+    images = validation.as_array("images", images)
     validation.check_floating("images", images)
     if images.ndim < 2:
         raise ValueError(f"`images` must have shape [batch, ...]; got {tuple(images.shape)}.")
@@ -31,7 +31,7 @@ def check_images(images, norm_std) -> jax.Array:
             f"`norm_std` has {len(norm_std)} entries but `images` has {images.shape[-1]} channels "
             f"(last axis, NHWC); got images of shape {tuple(images.shape)}."
         )
-    check_finite("images", images)
+    validation.check_finite("images", images)
     return images
 
 
@@ -40,7 +40,7 @@ def check_norm_std(norm_std) -> None:
     if norm_std is None:
         return
     if not isinstance(norm_std, tuple) or not all(
-        isinstance(s, (int, float)) and s > 0 for s in norm_std
+        isinstance(s, int | float) and not isinstance(s, bool) and s > 0 for s in norm_std
     ):
         raise ValueError(
             f"`norm_std` must be None or a tuple of positive floats; got {norm_std!r}."
@@ -58,9 +58,11 @@ def perturb(
     """``images - eps * sign(grad sum_i loss_fn(logits, features)_i) / norm_std``.
 
     Args:
-      apply_fn: ``images -> (logits [B, C], features [B, D])``.
+      apply_fn: ``images -> logits [B, C]``, ``(logits, features [B, D])`` or a dict with them
+        (:func:`isomax_jax.detectors.base.model_outputs`).
       images: ``[B, ..., channels]``.
-      loss_fn: ``(logits, features) -> [B]`` per-example losses; the step *decreases* them.
+      loss_fn: ``(logits, features or None) -> [B]`` per-example losses; the step *decreases*
+        them.
       eps: step size in un-normalised input units.
       norm_std: per-channel std of the input normalisation, or None (step of ``eps``).
 
@@ -69,7 +71,7 @@ def perturb(
     """
 
     def total(x):
-        return jnp.sum(loss_fn(*apply_fn(x)))
+        return jnp.sum(loss_fn(*model_outputs(apply_fn(x))))
 
     step = jnp.sign(jax.grad(total)(images))
     if norm_std is not None:
@@ -103,10 +105,8 @@ class ODIN(Detector):
     score_inputs = frozenset({"logits"})
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
-            raise ValueError(f"`temperature` must be positive; got {self.temperature!r}.")
-        if not isinstance(self.eps, (int, float)) or not self.eps >= 0:
-            raise ValueError(f"`eps` must be a non-negative number; got {self.eps!r}.")
+        validation.check_temperature(self.temperature)
+        validation.check_real("eps", self.eps, minimum=0)
         check_norm_std(self.norm_std)
 
     @property
@@ -134,7 +134,7 @@ class ODIN(Detector):
         x = images
         if self.eps > 0:
             x = perturb(apply_fn, images, loss, eps=self.eps, norm_std=self.norm_std)
-        logits, _ = apply_fn(x)
+        logits, _ = model_outputs(apply_fn(x))
         logits = self._prepare({}, logits=logits)["logits"]
         return self._score({}, None, logits=logits)
 

@@ -8,9 +8,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from isomax_jax import scores
+from isomax_jax import scores, validation
 from isomax_jax.detectors import chunked
-from isomax_jax.detectors.base import Detector, as_matrix, check_finite, check_width
+from isomax_jax.detectors.base import Detector, as_matrix, check_width
 
 
 def principal_dim(dim: int) -> int:
@@ -63,12 +63,11 @@ class ViM(Detector):
     heads = frozenset({"softmax"})
     fit_inputs = frozenset({"features", "kernel", "bias"})
     score_inputs = frozenset({"features", "kernel", "bias"})
+    state_keys = frozenset({"origin", "null_space", "alpha"})
 
     def __post_init__(self):
-        if self.dim is not None and (not isinstance(self.dim, int) or self.dim < 1):
-            raise ValueError(f"`dim` must be None or a positive int; got {self.dim!r}.")
-        if not isinstance(self.chunk, int) or self.chunk < 1:
-            raise ValueError(f"`chunk` must be a positive int; got {self.chunk!r}.")
+        validation.check_int("dim", self.dim, allow_none=True)
+        validation.check_int("chunk", self.chunk)
 
     def _require(self, needed, given, method):
         if given.get("kernel") is None or given.get("bias") is None:
@@ -82,11 +81,11 @@ class ViM(Detector):
 
     def _fit(self, *, features, kernel, bias, **_):
         x = as_matrix("features", features, "[N, D]")
-        check_finite("features", x)
+        validation.check_finite("features", x)
         n, dim_features = x.shape
         kernel, bias = _linear_head(kernel, bias, dim_features)
-        check_finite("kernel", kernel)
-        check_finite("bias", bias)
+        validation.check_finite("kernel", kernel)
+        validation.check_finite("bias", bias)
         dim = principal_dim(dim_features) if self.dim is None else self.dim
         if not 1 <= dim < dim_features:
             raise ValueError(
