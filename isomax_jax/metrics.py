@@ -24,6 +24,21 @@ the same scores (``docs/metrics.md``), so the convention is an explicit argument
 In both conventions ``detection_accuracy`` is the best mean of the two per-class accuracies over the
 convention's curve.
 
+**The key ``fpr_at_tpr`` is not the same quantity in the two conventions**: in ``"reference"``
+it is the fraction of *OOD* inputs accepted as in-distribution (in-distribution is positive);
+in ``"openood"`` it is the fraction of *in-distribution* inputs flagged as OOD (OOD is
+positive). ``tnr_at_tpr`` is ``1 - fpr_at_tpr`` in both.
+
+**Too few scores to resolve ``tpr``.** A sweep over ``n`` positives (in-distribution scores in
+the reference convention, OOD scores in OpenOOD's) moves its TPR in steps of ``1 / n``. When
+the steps are too coarse for the target -- the reference rule's closest rate to ``tpr`` is 1
+(``n <= 10`` for ``tpr = 0.95``), or no rate below 1 reaches ``tpr`` in OpenOOD's
+(``n < 20``) -- the operating point is the end of the sweep, where every positive is accepted
+and, in the reference convention, every OOD input too: its TNR would be 0 whatever the scores.
+Then ``tnr_at_tpr`` and ``fpr_at_tpr`` are **NaN** (eager and jitted alike), the other metrics
+are unaffected, and an eager call also warns (:class:`TPRResolutionWarning`, naming the count
+needed: :func:`min_resolvable_count`; :func:`tpr_resolved` tells in advance).
+
 Everything is exact and sort-based: scores are mapped to order-preserving integer keys (``-0.0`` and
 ``+0.0`` are equal), sorted, and all counts are integers; memory is O(n_in + n_out). Scores are
 computed in float32 at least (bfloat16/float16 are upcast) and in float64 when given float64 with
@@ -45,60 +60,78 @@ Under ``jit``/``vmap`` the value checks cannot raise, so **every** metric is NaN
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from isomax_jax import registry
+from isomax_jax import registry, validation
 
 CONVENTIONS = ("reference", "openood")
 METRIC_NAMES = registry.METRIC_NAMES  # titles and directions: isomax_jax.registry.METRICS
 
 
-def _prepare(scores, mask, name: str, mask_name: str):
-    """Checks static properties; returns (float scores >= float32, bool mask)."""
-    scores = jnp.asarray(scores)
+class TPRResolutionWarning(UserWarning):
+    """The score sets are too small to resolve the target TPR (``tnr_at_tpr`` is NaN)."""
+
+
+def prepare_scores(scores, mask, name: str, mask_name: str) -> tuple[jax.Array, jax.Array]:
+    """Static checks of a score set and its mask (also under ``jit``).
+
+    Returns:
+      ``(scores, mask)``: float scores (float32 or wider) and a boolean mask (all True if None).
+
+    Raises:
+      TypeError: non-floating scores or a non-boolean mask. ValueError: scores that are not
+      1-D or empty, a mask of another shape.
+    """
+    scores = validation.as_array(name, scores)
     if not jnp.issubdtype(scores.dtype, jnp.floating):
-        raise TypeError(f"{name} must have a floating dtype, got {scores.dtype}")
+        raise TypeError(f"`{name}` must have a floating dtype; got {scores.dtype}.")
     if scores.ndim != 1:
-        raise ValueError(f"{name} must be 1-D [n], got shape {scores.shape}")
+        raise ValueError(f"`{name}` must be 1-D [n]; got shape {scores.shape}.")
     if scores.shape[0] == 0:
-        raise ValueError(f"{name} is empty (shape {scores.shape}); need at least one score")
+        raise ValueError(f"`{name}` must hold at least one score; got shape {scores.shape}.")
     scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
     if mask is None:
         mask = jnp.ones(scores.shape, dtype=bool)
     else:
-        mask = jnp.asarray(mask)
+        mask = validation.as_array(mask_name, mask)
         if mask.shape != scores.shape:
             raise ValueError(
-                f"{mask_name} must have the shape of {name} {scores.shape}, got {mask.shape}"
+                f"`{mask_name}` must have the shape of `{name}` {scores.shape}; got {mask.shape}."
             )
         if mask.dtype != jnp.bool_:
             raise TypeError(
-                f"{mask_name} must be a boolean mask (True = a real score, False = padding), "
-                f"got dtype {mask.dtype}; use e.g. `{mask_name}.astype(bool)` for a 0/1 mask"
+                f"`{mask_name}` must be a boolean mask (True = a real score, False = padding); "
+                f"got dtype {mask.dtype}. Use e.g. `{mask_name}.astype(bool)` for a 0/1 mask."
             )
     return scores, mask
 
 
-def _is_concrete(*xs) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in xs)
-
-
-def _check_values(scores, mask, name: str, mask_name: str) -> None:
-    """Eager value checks, reduced on device (two scalars reach the host).
+def check_score_values(scores, mask, name: str, mask_name: str) -> int:
+    """Eager value checks of a concrete score set, reduced on device (two scalars reach the host).
 
     Concrete inputs may also be constants inside a caller's ``jit``: the reduction is then
     evaluated at trace time, not staged.
+
+    Returns:
+      The number of unmasked scores.
+
+    Raises:
+      ValueError: every score is masked, or an unmasked score is NaN or infinite.
     """
     with jax.ensure_compile_time_eval():
         n_valid, n_bad = (int(v) for v in _count_valid_bad(scores, mask))
     if n_valid == 0:
-        raise ValueError(f"{name} has no unmasked score ({mask_name} is all False)")
+        raise ValueError(f"`{name}` must hold an unmasked score; got `{mask_name}` all False.")
     if n_bad:
-        raise ValueError(f"{name} has {n_bad} non-finite (NaN/inf) unmasked scores")
+        raise ValueError(
+            f"`{name}` must be finite; got {n_bad} non-finite (NaN/inf) unmasked score(s)."
+        )
+    return n_valid
 
 
 @jax.jit
@@ -106,11 +139,12 @@ def _count_valid_bad(scores, mask):
     return jnp.sum(mask, dtype=jnp.int32), jnp.sum(mask & ~jnp.isfinite(scores), dtype=jnp.int32)
 
 
-def _check_tpr(tpr) -> None:
-    if _is_concrete(tpr):
+def check_tpr(tpr) -> None:
+    """Raises ``ValueError`` unless a concrete ``tpr`` is a float scalar in (0, 1)."""
+    if validation.is_concrete(tpr):
         t = np.asarray(tpr)
         if t.shape != () or not np.issubdtype(t.dtype, np.floating) or not 0.0 < float(t) < 1.0:
-            raise ValueError(f"tpr must be a float scalar in (0, 1), got {tpr!r}")
+            raise ValueError(f"`tpr` must be a float scalar in (0, 1); got {tpr!r}.")
 
 
 def _sort_keys(scores: jax.Array, valid: jax.Array) -> jax.Array:
@@ -153,7 +187,7 @@ def _closest_count(n_in, tpr, dtype):
     return jnp.max(jnp.where(dist == jnp.min(dist), ks, -1))
 
 
-def _first_count_reaching(n, tpr, dtype):
+def first_count_reaching(n, tpr, dtype):
     """Smallest count t in [0, n] with ``t / n >= tpr`` (IEEE division, as scikit-learn's
     ``tps / tps[-1] >= tpr``); n + 1 if none (tpr > 1)."""
     base = jnp.ceil(tpr * n).astype(jnp.int32)
@@ -197,8 +231,10 @@ def _reference(in_keys, out_keys, n_in, n_out, tpr, dtype):
     aupr_out = jnp.sum(jnp.where(out_ok, 0.5 * (q_before + q_after), 0)) / nout
 
     k = _closest_count(n_in, tpr, dtype)
-    fp_at = jnp.where(k == n_in, n_out, n_out - lt[jnp.clip(n_in - k - 1, 0, ni - 1)])
-    fpr = f(fp_at) / nout
+    # k == n_in: the closest point is the start of the sweep (every OOD input accepted, TNR 0
+    # whatever the scores): tpr is not resolved by n_in scores, the operating point is NaN.
+    fp_at = n_out - lt[jnp.clip(n_in - k - 1, 0, ni - 1)]
+    fpr = jnp.where(k == n_in, jnp.nan, f(fp_at) / nout)
     return dict(tnr_at_tpr=1.0 - fpr, fpr_at_tpr=fpr, auroc=auroc, aupr_in=aupr_in,
                 aupr_out=aupr_out, detection_accuracy=dtacc)  # fmt: skip
 
@@ -243,9 +279,11 @@ def _openood(in_keys, out_keys, n_in, n_out, tpr, dtype):
 
     f = functools.partial(jnp.asarray, dtype=dtype)
     nin, nout = f(n_in), f(n_out)
-    hit = kept & (T >= _first_count_reaching(n_out, tpr, dtype))
+    t = first_count_reaching(n_out, tpr, dtype)
+    hit = kept & (T >= t)
     fp_at = jnp.min(jnp.where(hit, F, jnp.iinfo(jnp.int32).max))  # F grows along the curve
-    fpr = jnp.where(jnp.any(hit), f(fp_at) / nin, jnp.nan)
+    # t >= n_out: only the end of the curve (every OOD input flagged) reaches tpr: unresolved.
+    fpr = jnp.where(jnp.any(hit) & (t < n_out), f(fp_at) / nin, jnp.nan)
 
     auroc = jnp.sum(jnp.where(end, (f(dF) / nin) * (f(T + T_prev) / (2 * nout)), 0))
     dtacc = 0.5 * jnp.maximum(1.0, jnp.max(jnp.where(end, f(T) / nout + 1 - f(F) / nin, 0)))
@@ -328,7 +366,8 @@ def ood_metrics(
       A dict with float scalars ``tnr_at_tpr``, ``fpr_at_tpr``, ``auroc``, ``aupr_in``,
       ``aupr_out``, ``detection_accuracy`` (fractions, dtype float32 or float64). Under ``jit``
       or ``vmap``, invalid values (NaN/inf unmasked scores, an all-masked set, ``tpr`` outside
-      (0, 1)) give NaN for every metric.
+      (0, 1)) give NaN for every metric. Too few positives to resolve ``tpr`` (module docstring)
+      give NaN ``tnr_at_tpr`` and ``fpr_at_tpr``, eagerly with a :class:`TPRResolutionWarning`.
 
     Raises:
       TypeError: non-floating scores, non-boolean masks.
@@ -343,7 +382,7 @@ def ood_metrics(
       >>> ref = ood_metrics(ins, outs, tpr=0.75)  # keep 3 of 4 in: rejects 1 of 3 OOD
       >>> round(float(ref["tnr_at_tpr"]), 4), round(float(ref["auroc"]), 4)
       (0.3333, 0.8333)
-      >>> oo = ood_metrics(ins, outs, tpr=0.75, convention="openood")  # catch 3 of 3 OOD
+      >>> oo = ood_metrics(ins, outs, tpr=0.6, convention="openood")  # catch 2 of 3 OOD
       >>> round(float(oo["fpr_at_tpr"]), 4), round(float(oo["auroc"]), 4)  # tie counts 1/2
       (0.25, 0.875)
       >>> # Several OOD sets padded to one length: vmap with masks.
@@ -354,12 +393,80 @@ def ood_metrics(
       [0.8333, 0.5]
     """
     if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-    in_s, in_m = _prepare(in_scores, in_mask, "in_scores", "in_mask")
-    out_s, out_m = _prepare(out_scores, out_mask, "out_scores", "out_mask")
-    _check_tpr(tpr)
-    if _is_concrete(in_s, in_m):
-        _check_values(in_s, in_m, "in_scores", "in_mask")
-    if _is_concrete(out_s, out_m):
-        _check_values(out_s, out_m, "out_scores", "out_mask")
-    return _ood_metrics(in_s, out_s, in_m, out_m, tpr, convention=convention)
+        raise ValueError(f"`convention` must be one of {CONVENTIONS}; got {convention!r}.")
+    in_s, in_m = prepare_scores(in_scores, in_mask, "in_scores", "in_mask")
+    out_s, out_m = prepare_scores(out_scores, out_mask, "out_scores", "out_mask")
+    check_tpr(tpr)
+    if validation.is_concrete(in_s, in_m):
+        check_score_values(in_s, in_m, "in_scores", "in_mask")
+    if validation.is_concrete(out_s, out_m):
+        check_score_values(out_s, out_m, "out_scores", "out_mask")
+    out = _ood_metrics(in_s, out_s, in_m, out_m, tpr, convention=convention)
+    if validation.is_concrete(out, tpr):
+        _warn_if_unresolved(out, in_m, out_m, tpr, convention)
+    return out
+
+
+def _warn_if_unresolved(out, in_mask, out_mask, tpr, convention: str) -> None:
+    """The eager half of the unresolved-TPR rule (the module docstring): say why it is NaN."""
+    tnr, auroc = float(out["tnr_at_tpr"]), float(out["auroc"])
+    if not (np.isnan(tnr) and not np.isnan(auroc)):
+        return
+    positives = "in-distribution" if convention == "reference" else "OOD"
+    mask = in_mask if convention == "reference" else out_mask
+    with jax.ensure_compile_time_eval():
+        n = int(jnp.sum(mask))
+    warnings.warn(
+        f"tnr_at_tpr and fpr_at_tpr are NaN: {n} {positives} score(s) cannot resolve tpr="
+        f"{float(tpr):g} in the {convention!r} convention (its operating point would be the end "
+        f"of the sweep, TPR = 1: {_UNRESOLVED[convention]}). Use at least "
+        f"{min_resolvable_count(float(tpr), convention, out['auroc'].dtype)} {positives} scores.",
+        TPRResolutionWarning,
+        stacklevel=3,
+    )
+
+
+_UNRESOLVED = {
+    "reference": "every OOD input accepted, so TNR 0 whatever the scores",
+    "openood": "every OOD input flagged, the FPR at TPR 100 % rather than at tpr",
+}
+
+
+def tpr_resolved(n: int, tpr: float, convention: str = "reference", dtype=np.float32) -> bool:
+    """Whether ``n`` positive scores resolve ``tpr``, with the rates computed in ``dtype``.
+
+    The positives are the in-distribution scores in the ``"reference"`` convention and the OOD
+    scores in the ``"openood"`` one. The operating point of a sweep over ``n`` positives moves
+    in steps of ``1 / n``; it is unresolved when the convention's rule picks the end of the
+    sweep, where every positive is accepted (TPR = 1) although ``tpr < 1``: in the reference
+    convention when ``1`` is the closest of the rates ``k / n`` to ``tpr`` (ties going to the
+    larger count), in OpenOOD's when no rate below 1 reaches ``tpr``. The rates are compared in
+    the scores' dtype, as :func:`ood_metrics` does (float32 unless float64 scores with x64):
+    ``|9/10 - 0.95|`` and ``|1 - 0.95|`` tie in float32 but not in float64.
+
+    Example:
+      >>> [tpr_resolved(n, 0.95) for n in (5, 10, 11, 19, 20)]
+      [False, False, True, True, True]
+      >>> [tpr_resolved(n, 0.95, "openood") for n in (10, 19, 20)]
+      [False, False, True]
+    """
+    dtype = np.dtype(dtype).type
+    t = dtype(tpr)
+    if convention == "reference":
+        ks = np.arange(n + 1, dtype=dtype)
+        dist = np.abs(ks / dtype(n) - t)
+        return int(np.flatnonzero(dist == dist.min())[-1]) < n
+    return bool(np.any(np.arange(n, dtype=dtype) / dtype(n) >= t))
+
+
+def min_resolvable_count(tpr: float, convention: str = "reference", dtype=np.float32) -> int:
+    """The smallest number of positive scores that resolves ``tpr`` (:func:`tpr_resolved`).
+
+    Example:
+      >>> min_resolvable_count(0.95), min_resolvable_count(0.95, "openood")
+      (11, 20)
+    """
+    n = max(1, int(np.floor(0.5 / (1.0 - tpr))) - 2)
+    while not tpr_resolved(n, tpr, convention, dtype):
+        n += 1
+    return n

@@ -43,7 +43,8 @@ def loop_reference(ins, outs, tpr=0.95):
             k += 1
     tp, fp = np.array(tp, np.float64), np.array(fp, np.float64)
     pos = int(np.abs(tp / num_k - tpr).argmin())  # first closest point in sweep order
-    tnr = 1.0 - fp[pos] / num_n
+    # The sweep's start (everything accepted) cannot resolve tpr < 1: NaN (docs/metrics.md).
+    tnr = 1.0 - fp[pos] / num_n if tp[pos] < num_k else np.nan
     tpr_c = np.concatenate([[1.0], tp / num_k, [0.0]])
     fpr_c = np.concatenate([[1.0], fp / num_n, [0.0]])
     auroc = -np.trapezoid(1.0 - fpr_c, tpr_c)
@@ -66,6 +67,8 @@ def sklearn_openood(ins, outs, tpr=0.95):
     ood = np.concatenate([np.zeros(len(ins), int), np.ones(len(outs), int)])
     fpr_list, tpr_list, _ = skm.roc_curve(ood, -conf)
     fpr = fpr_list[np.argmax(tpr_list >= tpr)]
+    if (len(outs) - 1) / len(outs) < tpr:  # only TPR 1 reaches tpr: unresolved, NaN
+        fpr = np.nan
     p_in, r_in, _ = skm.precision_recall_curve(1 - ood, conf)
     p_out, r_out, _ = skm.precision_recall_curve(ood, -conf)
     dtacc = 0.5 * np.max(tpr_list + 1 - fpr_list)
@@ -172,7 +175,7 @@ def test_exact_float64_padded_vmapped(batched, case_index):
         for k in METRIC_NAMES if t_index == 0 else ("tnr_at_tpr", "fpr_at_tpr"):
             value = got[k][t_index, case_index]
             np.testing.assert_allclose(value, want[k], **TOL64, err_msg=f"tpr={tpr} {k}")
-            assert 0.0 <= value <= 1.0
+            assert 0.0 <= value <= 1.0 or (np.isnan(value) and k.endswith("_at_tpr"))
     assert all(np.isnan(got[k][-1, case_index]) for k in METRIC_NAMES)  # tpr = 1.5
 
 
@@ -210,7 +213,7 @@ def test_signed_zeros_equal(batched):
     _, got, _ = batched
     i, j = sorted(CASES).index("signed_zeros"), sorted(CASES).index("signed_zeros_flipped")
     for k in METRIC_NAMES:
-        assert got[k][0, i] == got[k][0, j], k
+        np.testing.assert_array_equal(got[k][:, i], got[k][:, j], err_msg=k)
 
 
 def test_reference_ties_lower_auroc_than_sklearn(batched):
@@ -254,18 +257,19 @@ GOOD = jnp.array([0.1, 0.5, 0.9])
 @pytest.mark.parametrize(
     "kwargs, err, match",
     [
-        (dict(in_scores=jnp.array([1, 2, 3])), TypeError, "in_scores must have a floating"),
-        (dict(out_scores=jnp.array([True, False])), TypeError, "out_scores must have a floating"),
-        (dict(in_scores=jnp.ones((3, 2))), ValueError, r"in_scores must be 1-D .* \(3, 2\)"),
-        (dict(out_scores=jnp.ones(())), ValueError, "out_scores must be 1-D"),
-        (dict(in_scores=jnp.zeros((0,))), ValueError, "in_scores is empty"),
-        (dict(out_scores=jnp.array([0.1, jnp.nan])), ValueError, "out_scores has 1 non-finite"),
-        (dict(in_scores=jnp.array([jnp.inf, 0.1])), ValueError, "in_scores has 1 non-finite"),
-        (dict(in_mask=jnp.zeros(3, bool)), ValueError, "in_scores has no unmasked"),
-        (dict(out_mask=jnp.ones(4, bool)), ValueError, r"out_mask must have the shape .* \(4,\)"),
-        (dict(tpr=1.0), ValueError, "tpr must be a float scalar in"),
-        (dict(tpr=0.0), ValueError, "tpr must be a float scalar in"),
-        (dict(convention="sklearn"), ValueError, "convention must be one of"),
+        (dict(in_scores=jnp.array([1, 2, 3])), TypeError, "`in_scores` must have a floating"),
+        (dict(out_scores=jnp.array([True, False])), TypeError, "`out_scores` must have a floating"),
+        (dict(in_scores=jnp.ones((3, 2))), ValueError, r"`in_scores` must be 1-D .* \(3, 2\)"),
+        (dict(out_scores=jnp.ones(())), ValueError, "`out_scores` must be 1-D"),
+        (dict(in_scores=jnp.zeros((0,))), ValueError, "`in_scores` must hold at least one"),
+        (dict(out_scores=jnp.array([0.1, jnp.nan])), ValueError, "`out_scores` must be finite"),
+        (dict(in_scores=jnp.array([jnp.inf, 0.1])), ValueError, "`in_scores` must be finite"),
+        (dict(in_mask=jnp.zeros(3, bool)), ValueError, "`in_scores` must hold an unmasked"),
+        (dict(out_mask=jnp.ones(4, bool)), ValueError, r"`out_mask` must have the shape .* \(4,\)"),
+        (dict(tpr=1.0), ValueError, "`tpr` must be a float scalar in"),
+        (dict(tpr=0.0), ValueError, "`tpr` must be a float scalar in"),
+        (dict(convention="sklearn"), ValueError, "`convention` must be one of"),
+        (dict(in_scores=(GOOD, GOOD)), TypeError, "`in_scores` must be one array"),
     ],
 )
 def test_bad_input_eager(kwargs, err, match):
@@ -297,9 +301,9 @@ def test_non_boolean_masks_refused(dtype):
     for kwargs in (dict(in_mask=jnp.full(3, 0.5)), dict(out_mask=jnp.ones(3))):
         kwargs = {k: v.astype(dtype) for k, v in kwargs.items()}
         (name,) = kwargs
-        with pytest.raises(TypeError, match=rf"{name} must be a boolean mask .* got dtype"):
+        with pytest.raises(TypeError, match=rf"`{name}` must be a boolean mask .* got dtype"):
             ood_metrics(GOOD, GOOD, **kwargs)
-        with pytest.raises(TypeError, match=rf"{name} must be a boolean mask"):
+        with pytest.raises(TypeError, match=rf"`{name}` must be a boolean mask"):
             jax.jit(lambda i, o, kw=kwargs: ood_metrics(i, o, **kw))(GOOD, GOOD)
 
 
@@ -336,5 +340,49 @@ def test_static_errors_raise_under_jit():
         f(jnp.array([1, 2]), GOOD)
     with pytest.raises(ValueError, match="1-D"):
         f(jnp.ones((2, 2)), GOOD)
-    with pytest.raises(ValueError, match="out_mask must have the shape"):
+    with pytest.raises(ValueError, match="`out_mask` must have the shape"):
         f(GOOD, GOOD, out_mask=jnp.ones(2))
+
+
+@pytest.mark.parametrize("convention", ["reference", "openood"])
+def test_unresolvable_tpr_is_nan_and_warns_eagerly(convention):
+    """Perfectly separated sets of 5 and 10: the reference sweep's closest point to TPR 95 % was
+    its start, TNR 0.0 with AUROC 1.0, silently. Now NaN, with a warning naming the count."""
+    from isomax_jax.metrics import TPRResolutionWarning
+
+    for n in (5, 10):
+        ins, outs = np.linspace(1, 2, n), np.linspace(-2, -1, n)
+        with pytest.warns(TPRResolutionWarning, match=r"cannot resolve tpr=0.95.*at least \d+"):
+            got = _np(ood_metrics(ins, outs, convention=convention))
+        assert np.isnan(got["tnr_at_tpr"]) and np.isnan(got["fpr_at_tpr"])
+        assert got["auroc"] == 1.0 and got["detection_accuracy"] == 1.0
+        jitted = _np(jax.jit(lambda i, o: ood_metrics(i, o, convention=convention))(ins, outs))
+        assert np.isnan(jitted["tnr_at_tpr"]) and jitted["auroc"] == 1.0  # no warning in jit
+    n = 11 if convention == "reference" else 20
+    ins, outs = np.linspace(1, 2, n), np.linspace(-2, -1, n)
+    assert _np(ood_metrics(ins, outs, convention=convention))["tnr_at_tpr"] == 1.0
+
+
+@pytest.mark.parametrize("convention", ["reference", "openood"])
+def test_tpr_resolved_predicts_the_nan(convention):
+    """tpr_resolved(n, tpr) == "tnr_at_tpr is not NaN" for n = 1..39 positives and 4 targets."""
+    from isomax_jax.metrics import min_resolvable_count, tpr_resolved
+
+    rng = np.random.default_rng(3)
+    sizes = np.arange(1, 40)
+    pos = rng.normal(size=(len(sizes), 64)).astype(np.float32)
+    pos_mask = np.arange(64)[None, :] < sizes[:, None]
+    other = jnp.asarray(rng.normal(size=25), jnp.float32)
+
+    @jax.jit
+    def tnr(p, m, t):
+        if convention == "reference":
+            return ood_metrics(p, other, in_mask=m, tpr=t)["tnr_at_tpr"]
+        return ood_metrics(other, p, out_mask=m, tpr=t, convention="openood")["tnr_at_tpr"]
+
+    for tpr in (0.95, 0.9, 0.8, 0.99):
+        got = np.asarray(jax.vmap(tnr, in_axes=(0, 0, None))(pos, pos_mask, tpr))
+        want = [not tpr_resolved(int(n), tpr, convention) for n in sizes]
+        np.testing.assert_array_equal(np.isnan(got), want, err_msg=f"tpr={tpr}")
+        first = min_resolvable_count(tpr, convention)
+        assert tpr_resolved(first, tpr, convention) and not tpr_resolved(first - 1, tpr, convention)
