@@ -1,45 +1,60 @@
-"""Deployment thresholds: classify single inputs as in-distribution or OOD.
+"""Deployment: a fitted detector and its threshold, classifying single inputs or batches.
 
 The most frequent question from users of the reference code is how to turn a score into a
 decision for one input. The answer (``docs/metrics.md``): fit a threshold on *in-distribution
 validation* scores at a target true-positive rate, and store it with the model.
-:func:`fit_threshold` does the first; :class:`OODDetector` is the small serialisable object
-(score name + threshold + target TPR + metric convention) that classifies single inputs or batches
-from logits and can be saved next to a checkpoint as JSON.
+:func:`fit_threshold` does the first; :class:`OODDetector` is the one deployable object for
+**any** detector of :mod:`isomax_jax.detectors`: the detector (name and hyperparameters), its
+fitted state (KNN's bank, Mahalanobis' means and whitening, ...), the threshold, the target TPR
+and the metric convention. It is saved to one ``.npz`` file and loaded back (:meth:`save`,
+:meth:`load`); one that needs nothing but logits also has a small JSON form (:meth:`to_json`).
+
+Names: a :class:`isomax_jax.detectors.Detector` is a *method* (hyperparameters, ``fit``,
+``score``); an :class:`OODDetector` is a *deployed* detector (method + fitted state +
+threshold). The maximum softmax probability is the detector ``msp``; ``max_probability`` (the
+name of its function in :mod:`isomax_jax.scores`) is accepted everywhere as an alias, and
+reports title it "MPS" as the IsoMax papers do.
+
+Example:
+  >>> import numpy as np
+  >>> from isomax_jax.thresholds import OODDetector
+  >>> rng = np.random.default_rng(0)
+  >>> train = np.abs(rng.normal(size=(200, 8))).astype(np.float32)
+  >>> val = np.abs(rng.normal(size=(100, 8))).astype(np.float32)
+  >>> det = OODDetector.fit("knn", features=val, train={"features": train}, tpr=0.95)
+  >>> det.name, det.detector.k, det.tpr
+  ('knn', 50, 0.95)
+  >>> bool(det.is_in_distribution(features=val[0])), det.is_in_distribution(features=val).shape
+  (True, (100,))
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from isomax_jax import detector_format, validation
 from isomax_jax import detectors as _detectors
 from isomax_jax import metrics as _metrics
 
-#: Older names of the same scores (the function names of :mod:`isomax_jax.scores`).
-_ALIASES = {"max_probability": "msp"}
-#: Every score a threshold can be fitted on: the detectors of :mod:`isomax_jax.detectors` that
-#: need nothing but logits (so a new logit detector is available here with no change), plus
-#: the aliases above.
+#: Every detector a threshold can be fitted on from logits alone (so a new logit detector is
+#: available here with no change), plus the aliases of :data:`isomax_jax.detectors.ALIASES`.
 SCORE_NAMES: tuple[str, ...] = tuple(
     name
     for name in _detectors.NAMES
     if _detectors.get(name).inputs == {"logits"} and not _detectors.get(name).needs_images
-) + tuple(_ALIASES)
-_FORMAT = "isomax_jax.OODDetector/1"
-
-
-@functools.partial(jax.jit, static_argnames="score")
-def _apply_score(logits, *, score):
-    return _detectors.get(_ALIASES.get(score, score)).score({}, logits=logits)
+) + tuple(_detectors.ALIASES)
+_INPUTS = ("logits", "features")  # the per-example score inputs (1-D: one input)
 
 
 @jax.jit
@@ -49,7 +64,7 @@ def _fit(scores, mask, tpr):
     scores, mask, tpr = lax.optimization_barrier((scores, mask, tpr))  # see metrics._ood_metrics
     n = jnp.sum(mask, dtype=jnp.int32)
     ok = jnp.all(jnp.isfinite(scores) | ~mask) & (n > 0) & (tpr > 0) & (tpr < 1)
-    m = _metrics._first_count_reaching(jnp.maximum(n, 1), tpr, dtype)  # accept >= m of n
+    m = _metrics.first_count_reaching(jnp.maximum(n, 1), tpr, dtype)  # accept >= m of n
     ascending = jnp.sort(jnp.where(mask, scores, -jnp.inf))  # padding first
     threshold = ascending[jnp.clip(scores.shape[0] - m, 0, scores.shape[0] - 1)]
     return jnp.where(ok, threshold, jnp.nan)
@@ -86,163 +101,268 @@ def fit_threshold(
       >>> fit_threshold(jnp.arange(20.0), tpr=0.95)  # 19 of 20 scores are >= 1
       Array(1., dtype=float32)
     """
-    scores, mask = _metrics._prepare(in_scores, in_mask, "in_scores", "in_mask")
-    _metrics._check_tpr(tpr)
-    if _metrics._is_concrete(scores, mask):
-        _metrics._check_values(scores, mask, "in_scores", "in_mask")
+    scores, mask = _metrics.prepare_scores(in_scores, in_mask, "in_scores", "in_mask")
+    _metrics.check_tpr(tpr)
+    if validation.is_concrete(scores, mask):
+        _metrics.check_score_values(scores, mask, "in_scores", "in_mask")
     return _fit(scores, mask, tpr)
 
 
-@dataclasses.dataclass(frozen=True)
 class OODDetector:
-    """A fitted OOD detector: one score function and one threshold.
+    """A deployed OOD detector: a detector, its fitted state and a threshold.
 
-    ``is_in_distribution(logits)`` is ``score(logits) >= threshold``. Create it with
-    :meth:`fit` on in-distribution validation logits, save it with :meth:`to_json` (or
-    :meth:`to_dict` inside a checkpoint's metadata) and restore it with :meth:`from_json`.
+    ``is_in_distribution(...)`` is ``detector.score(state, ...) >= threshold``, for one input
+    (``[C]`` logits, ``[D]`` features: a scalar) or a batch (``[B, C]`` / ``[B, D]``: ``[B]``).
+    Create it with :meth:`fit` (fits the detector on training data if it has something to fit,
+    then the threshold on in-distribution validation data), or from a fitted state and a
+    threshold. Inputs the detector uses at scoring time but that are not data (``head_fn``,
+    ``kernel``, ``bias``: the classification head) are passed to every scoring call, as to
+    :meth:`isomax_jax.detectors.Detector.score`.
 
-    Attributes:
-      score: name of a function of :mod:`isomax_jax.scores` (``"entropic"``, ``"mmles"``, ...).
-      threshold: scores ``>=`` this are in-distribution.
-      tpr: the in-distribution acceptance rate the threshold was fitted for.
-      convention: metric convention (``"reference"`` or ``"openood"``) that :meth:`evaluate`
-        uses to report this detector's numbers on labelled data.
+    Args:
+      detector: a detector name or alias (``"knn"``, ``"max_probability"``) with default
+        hyperparameters, or a :class:`isomax_jax.detectors.Detector` (``detectors.get("knn",
+        k=10)``).
+      threshold: scores ``>=`` this are in-distribution; a finite real number.
+      tpr: the in-distribution acceptance rate the threshold was fitted for, in (0, 1).
+      convention: the metric convention (``"reference"`` or ``"openood"``) :meth:`evaluate`
+        reports in.
+      state: the detector's fitted state (``detector.fit(...)``); ``{}`` for logit scores.
+      score: the name of the field in the first (logit-only) version; same as ``detector``.
+
+    Raises:
+      TypeError: a threshold, tpr or name of the wrong type.
+      ValueError: an unknown detector, a threshold that is not finite, a tpr outside (0, 1), an
+        unknown convention, a state the detector did not fit (or none where it needs one), or a
+        detector that perturbs images (ODIN or Mahalanobis with ``eps > 0``: it needs the model,
+        not its outputs).
     """
 
-    score: str
-    threshold: float
-    tpr: float = 0.95
-    convention: str = "reference"
+    __slots__ = ("detector", "threshold", "tpr", "convention", "state")
 
-    def __post_init__(self):
-        for name in ("score", "convention"):
-            if not isinstance(getattr(self, name), str):
-                raise TypeError(f"{name} must be a str, got {getattr(self, name)!r}")
-        if self.score not in SCORE_NAMES:
-            raise ValueError(f"score must be one of {SCORE_NAMES}, got {self.score!r}")
-        if self.convention not in _metrics.CONVENTIONS:
+    def __init__(
+        self,
+        detector: str | _detectors.Detector | None = None,
+        threshold: float | None = None,
+        tpr: float = 0.95,
+        convention: str = "reference",
+        *,
+        state: Mapping[str, Any] | None = None,
+        score: str | None = None,
+    ):
+        if detector is None:
+            detector = score
+        elif score is not None:
+            raise TypeError("pass `detector` or its older name `score`, not both.")
+        set_ = functools.partial(object.__setattr__, self)
+        set_("detector", _as_detector(detector))
+        set_("threshold", _real("threshold", threshold))
+        set_("tpr", _real("tpr", tpr))
+        if not isinstance(convention, str) or convention not in _metrics.CONVENTIONS:
             raise ValueError(
-                f"convention must be one of {_metrics.CONVENTIONS}, got {self.convention!r}"
+                f"`convention` must be one of {_metrics.CONVENTIONS}; got {convention!r}."
             )
-        object.__setattr__(self, "threshold", _real("threshold", self.threshold))
-        object.__setattr__(self, "tpr", _real("tpr", self.tpr))
+        set_("convention", convention)
         if not math.isfinite(self.threshold):
-            raise ValueError(f"threshold must be finite, got {self.threshold}")
+            raise ValueError(f"`threshold` must be finite; got {self.threshold}.")
         if not 0.0 < self.tpr < 1.0:
-            raise ValueError(f"tpr must be in (0, 1), got {self.tpr}")
+            raise ValueError(f"`tpr` must be in (0, 1); got {self.tpr}.")
+        state = {} if state is None else state
+        if not isinstance(state, Mapping):
+            raise TypeError(f"`state` must be a mapping (a detector's fit); got {type(state)}.")
+        if self.detector.fit_inputs and not state:
+            raise ValueError(
+                f"`{self.name}` needs its fitted state: pass state=detector.fit(...), or use "
+                f"OODDetector.fit({self.name!r}, ..., train={{...}})."
+            )
+        self.detector.check_state(state)
+        set_("state", dict(state))
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"OODDetector is immutable; cannot set {name!r}.")
+
+    @property
+    def name(self) -> str:
+        """The detector's registry name (``"knn"``, ``"msp"``, ...)."""
+        return self.detector.name
+
+    @property
+    def score(self) -> str:
+        """The detector's name (the field's name in the first, logit-only version)."""
+        return self.detector.name
+
+    # -- fitting -----------------------------------------------------------------------------
 
     @classmethod
     def fit(
         cls,
-        score: str,
-        logits: jax.typing.ArrayLike,
+        detector: str | _detectors.Detector,
+        logits: jax.typing.ArrayLike | None = None,
         *,
+        features: jax.typing.ArrayLike | None = None,
+        head_fn: Callable | None = None,
+        kernel: jax.typing.ArrayLike | None = None,
+        bias: jax.typing.ArrayLike | None = None,
+        mask: jax.typing.ArrayLike | None = None,
+        train: Mapping[str, Any] | None = None,
+        state: Mapping[str, Any] | None = None,
         tpr: float = 0.95,
         convention: str = "reference",
-        mask: jax.typing.ArrayLike | None = None,
     ) -> OODDetector:
-        """Fits the threshold on in-distribution validation logits [n, num_classes]."""
-        if score not in SCORE_NAMES:
-            raise ValueError(f"score must be one of {SCORE_NAMES}, got {score!r}")
-        values = _apply_score(jnp.asarray(logits), score=score)
+        """Fits the detector (if needed) and the threshold.
+
+        Args:
+          detector: a name, alias or :class:`~isomax_jax.detectors.Detector`.
+          logits, features: the **in-distribution validation** outputs the threshold is fitted
+            on (what the detector scores; ``[n, C]`` / ``[n, D]``).
+          head_fn, kernel, bias: the classification head, for detectors that use it (ReAct,
+            ASH, ViM), used for fitting and scoring.
+          mask: optional ``[n]`` boolean mask of the validation rows (False = padding).
+          train: the detector's fit inputs on **training** data (``{"features": ...,
+            "labels": ..., "logits": ...}``), for detectors with something to fit; or
+          state: an already fitted state (then ``train`` is not needed).
+          tpr: fraction of validation inputs to accept.
+          convention: recorded for :meth:`evaluate`.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> det = OODDetector.fit("entropic", jnp.array([[2.0, 0.0], [0.0, 3.0]] * 10))
+          >>> det.name, round(det.threshold, 4)
+          ('entropic', -0.3653)
+        """
+        det = _as_detector(detector)
+        if state is None:
+            state = {}
+            if det.fit_inputs:
+                if train is None:
+                    raise ValueError(
+                        f"`{det.name}` has something to fit: pass train={{...}} (its fit "
+                        f"inputs on training data: {', '.join(sorted(det.fit_inputs))}) or a "
+                        "fitted state=."
+                    )
+                if not isinstance(train, Mapping):
+                    raise TypeError(f"`train` must be a mapping of fit inputs; got {type(train)}.")
+                state = det.fit(**train, head_fn=head_fn, kernel=kernel, bias=bias)
+        unfitted = cls(det, 0.0, tpr, convention, state=state)
+        values = unfitted.scores(logits, features=features, head_fn=head_fn, kernel=kernel,
+                                 bias=bias)  # fmt: skip
         threshold = fit_threshold(values, tpr=tpr, in_mask=mask)
-        return cls(score=score, threshold=float(threshold), tpr=tpr, convention=convention)
+        return cls(det, float(threshold), tpr, convention, state=state)
 
-    def scores(self, logits: jax.typing.ArrayLike) -> jax.Array:
-        """Scores of one input ([num_classes] -> scalar) or a batch ([B, C] -> [B])."""
-        logits = jnp.asarray(logits)
-        if logits.ndim == 1:
-            return _apply_score(logits[None], score=self.score)[0]
-        if logits.ndim != 2:
-            raise ValueError(
-                f"logits must be [num_classes] or [batch, num_classes], got shape {logits.shape}"
-            )
-        return _apply_score(logits, score=self.score)
+    # -- scoring -----------------------------------------------------------------------------
 
-    def is_in_distribution(self, logits: jax.typing.ArrayLike) -> jax.Array:
-        """Bool, scalar for one input ([C]) or [B] for a batch: ``score >= threshold``.
+    def scores(
+        self,
+        logits: jax.typing.ArrayLike | None = None,
+        *,
+        features: jax.typing.ArrayLike | None = None,
+        head_fn: Callable | None = None,
+        kernel: jax.typing.ArrayLike | None = None,
+        bias: jax.typing.ArrayLike | None = None,
+    ) -> jax.Array:
+        """Scores of one input (``[C]`` logits, ``[D]`` features: a scalar) or a batch (``[B]``).
+
+        Higher = more in-distribution. ``logits`` may be passed positionally (logit scores).
+        """
+        inputs = {"logits": logits, "features": features}
+        single = None
+        for key in _INPUTS:
+            if inputs[key] is None:
+                continue
+            value = validation.as_array(key, inputs[key])
+            if value.ndim not in (1, 2):
+                width = "num_classes" if key == "logits" else "features"
+                raise ValueError(
+                    f"`{key}` must be [{width}] (one input) or [batch, {width}]; got shape "
+                    f"{tuple(value.shape)}."
+                )
+            inputs[key] = value[None] if value.ndim == 1 else value
+            single = value.ndim == 1 if single is None else single and value.ndim == 1
+        out = self.detector.score(self.state, head_fn=head_fn, kernel=kernel, bias=bias, **inputs)
+        return out[0] if single else out
+
+    def is_in_distribution(self, logits=None, **inputs: Any) -> jax.Array:
+        """Bool, a scalar for one input or ``[B]`` for a batch: ``score >= threshold``.
+
+        Takes the inputs of :meth:`scores`.
 
         Example:
           >>> import jax.numpy as jnp
           >>> from isomax_jax.thresholds import OODDetector
-          >>> det = OODDetector(score="max_probability", threshold=0.9)
+          >>> det = OODDetector("max_probability", threshold=0.9)
           >>> det.is_in_distribution(jnp.array([5.0, 0.0, 0.0]))  # p_max = 0.987
           Array(True, dtype=bool)
           >>> det.is_in_distribution(jnp.array([[5.0, 0.0], [0.1, 0.0]])).tolist()
           [True, False]
         """
-        return self.scores(logits) >= self.threshold
+        return self.scores(logits, **inputs) >= self.threshold
 
-    def is_ood(self, logits: jax.typing.ArrayLike) -> jax.Array:
+    def is_ood(self, logits=None, **inputs: Any) -> jax.Array:
         """Bool: ``score < threshold`` (the negation of :meth:`is_in_distribution`)."""
-        return jnp.logical_not(self.is_in_distribution(logits))
+        return jnp.logical_not(self.is_in_distribution(logits, **inputs))
 
-    def evaluate(
-        self, in_logits: jax.typing.ArrayLike, out_logits: jax.typing.ArrayLike
-    ) -> dict[str, jax.Array]:
-        """:func:`isomax_jax.metrics.ood_metrics` of this score, convention and tpr."""
+    def evaluate(self, in_data: Any, out_data: Any, **head: Any) -> dict[str, jax.Array]:
+        """:func:`isomax_jax.metrics.ood_metrics` of this detector, convention and tpr.
+
+        ``in_data`` / ``out_data``: logits ``[n, C]``, or a mapping of score inputs
+        (``{"features": ...}``); ``head`` holds ``head_fn``/``kernel``/``bias`` where needed.
+        """
+        as_inputs = lambda d: dict(d) if isinstance(d, Mapping) else {"logits": d}  # noqa: E731
         return _metrics.ood_metrics(
-            self.scores(in_logits),
-            self.scores(out_logits),
+            self.scores(**as_inputs(in_data), **head),
+            self.scores(**as_inputs(out_data), **head),
             convention=self.convention,
             tpr=self.tpr,
         )
 
+    # -- saving ------------------------------------------------------------------------------
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-compatible dict (the threshold is a Python float: exact round trip)."""
-        return {"format": _FORMAT, **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> OODDetector:
-        """The detector of a :meth:`to_dict` dict, validated field by field.
-
-        ``score`` and ``threshold`` are required; ``tpr``, ``convention`` and ``format`` may be
-        left out (defaults ``0.95``, ``"reference"`` and the current format). Strings must be
-        strings and numbers JSON numbers: ``"threshold": "0.5"`` or ``true`` is refused.
+        """Plain JSON-compatible dict of a detector **without** fitted arrays (logit scores).
 
         Raises:
-          ValueError: ``data`` is not a mapping; a required field is missing; a field is unknown,
-            of the wrong type or out of range; an unknown ``format``.
+          ValueError: the detector has a fitted state (use :meth:`save`).
         """
-        if not isinstance(data, Mapping):
+        if self.state:
             raise ValueError(
-                f"a detector must be a JSON object / mapping of its fields, got "
-                f"{type(data).__name__}"
+                f"`{self.name}` has fitted arrays ({', '.join(sorted(self.state))}): save it with "
+                "OODDetector.save(path), which writes them with the threshold."
             )
-        data = dict(data)
-        fmt = data.pop("format", _FORMAT)
-        if fmt != _FORMAT:
-            raise ValueError(f"unknown detector format {fmt!r}, expected {_FORMAT!r}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = set(data) - set(fields)
-        if unknown:
-            raise ValueError(
-                f"unknown detector fields {sorted(unknown)}; expected {sorted(fields)}"
-            )
-        missing = [
-            name
-            for name, field in fields.items()
-            if name not in data and field.default is dataclasses.MISSING
-        ]
-        if missing:
-            raise ValueError(f"detector field(s) {missing} missing; got fields {sorted(data)}")
-        for name, value in data.items():
-            kind = str if name in ("score", "convention") else float
-            ok = isinstance(value, str) if kind is str else _is_json_number(value)
-            if not ok:
-                expected = "a string" if kind is str else "a number"
-                raise ValueError(
-                    f"detector field {name!r} must be {expected}, got {value!r} "
-                    f"({type(value).__name__})"
-                )
-        return cls(**data)
+        return self._meta()
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format": detector_format.FORMAT,
+            "detector": self.name,
+            "hyperparameters": detector_format.jsonable(self.detector.hyperparameters),
+            "threshold": self.threshold,
+            "tpr": self.tpr,
+            "convention": self.convention,
+        }
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], state: Mapping[str, Any] | None = None
+    ) -> OODDetector:
+        """The detector of a :meth:`to_dict` dict (this version's or the first), checked field by
+        field (:func:`isomax_jax.detector_format.read_fields`): ``detector`` (or the first
+        version's ``score``) and ``threshold`` are required; ``hyperparameters``, ``tpr``,
+        ``convention`` and ``format`` may be left out. Strings must be strings and numbers JSON
+        numbers: ``"threshold": "0.5"`` or ``true`` is refused.
+
+        Raises:
+          ValueError: ``data`` is not a mapping; a required field is missing; a field is
+            unknown, of the wrong type or out of range; an unknown ``format``.
+        """
+        detector, fields = detector_format.read_fields(data)
+        return cls(detector, state=state, **fields)
 
     def to_json(self) -> str:
-        """JSON text, e.g. to store next to a checkpoint.
+        """JSON text of a detector without fitted arrays (see :meth:`to_dict`).
 
         Example:
           >>> from isomax_jax.thresholds import OODDetector
-          >>> det = OODDetector(score="entropic", threshold=-0.25, tpr=0.95)
+          >>> det = OODDetector("entropic", threshold=-0.25, tpr=0.95)
           >>> OODDetector.from_json(det.to_json()) == det
           True
         """
@@ -261,16 +381,86 @@ class OODDetector:
             raise ValueError(f"detector JSON cannot be parsed: {e}") from e
         return cls.from_dict(data)
 
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the detector, its fitted arrays and the threshold to one ``.npz`` file.
 
-def _is_json_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+        The arrays are stored as they are (no pickle); the rest as JSON inside the file
+        (:func:`isomax_jax.detector_format.write`). The file is written next to ``path`` and
+        renamed into place, so a crash never leaves a partial file under that name.
+        """
+        detector_format.write(path, self._meta(), self.state)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> OODDetector:
+        """The detector a :meth:`save` wrote (``ValueError`` naming the file if it is not one).
+
+        Example:
+          >>> import os, tempfile
+          >>> import numpy as np
+          >>> train = np.abs(np.random.default_rng(0).normal(size=(200, 8))).astype(np.float32)
+          >>> det = OODDetector.fit("knn", features=train[:50], train={"features": train})
+          >>> path = os.path.join(tempfile.mkdtemp(), "detector.npz")
+          >>> det.save(path)
+          >>> OODDetector.load(path) == det
+          True
+        """
+        meta, state = detector_format.read(path)
+        return cls.from_dict(meta, state=state)
+
+    # -- value semantics ---------------------------------------------------------------------
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, OODDetector):
+            return NotImplemented
+        same = (self.detector, self.threshold, self.tpr, self.convention) == (
+            other.detector, other.threshold, other.tpr, other.convention,
+        )  # fmt: skip
+        flat = detector_format.flatten
+        if not same or set(flat(self.state)) != set(flat(other.state)):
+            return False
+        try:
+            chex.assert_trees_all_equal(self.state, other.state)
+        except AssertionError:
+            return False
+        return True
+
+    __hash__ = None  # holds arrays
+
+    def __repr__(self) -> str:
+        state = {k: f"{tuple(np.shape(v))} {np.asarray(v).dtype}" for k, v in self.state.items()}
+        return (
+            f"OODDetector(detector={self.detector!r}, threshold={self.threshold!r}, "
+            f"tpr={self.tpr!r}, convention={self.convention!r}, state={state})"
+        )
+
+
+def _as_detector(detector: Any) -> _detectors.Detector:
+    if isinstance(detector, _detectors.Detector):
+        det = detector
+    elif isinstance(detector, str):
+        det = _detectors.get(detector)
+    else:
+        raise TypeError(
+            f"`detector` must be a detector name (one of {', '.join(_detectors.NAMES)}) or a "
+            f"detectors.Detector; got {detector!r}."
+        )
+    if det.needs_images:
+        raise ValueError(
+            f"`{det.name}` with eps > 0 perturbs images through the model's gradient; an "
+            "OODDetector scores model outputs. Deploy it with eps=0, or score images with "
+            f"detectors.get({det.name!r}, ...).score_images."
+        )
+    return det
 
 
 def _real(name: str, value: Any) -> float:
     """``float(value)`` for real numbers (also NumPy/JAX scalars); TypeError for str/bool."""
     if isinstance(value, str | bytes | bool) or value is None:
-        raise TypeError(f"{name} must be a real number, got {value!r}")
+        raise TypeError(f"`{name}` must be a real number; got {value!r}.")
     try:
         return float(value)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"{name} must be a real number, got {value!r}") from e
+        raise TypeError(f"`{name}` must be a real number; got {value!r}.") from e
+
+
+__all__ = ["SCORE_NAMES", "OODDetector", "fit_threshold"]

@@ -91,8 +91,8 @@ def test_fit_threshold_eager_exact_count():
         (dict(in_scores=jnp.array([1, 2])), TypeError, "floating"),
         (dict(in_scores=jnp.ones((2, 2))), ValueError, r"1-D .*\(2, 2\)"),
         (dict(in_scores=jnp.array([jnp.nan, 1.0])), ValueError, "non-finite"),
-        (dict(in_mask=jnp.zeros(3, bool)), ValueError, "no unmasked"),
-        (dict(tpr=1.2), ValueError, "tpr must be"),
+        (dict(in_mask=jnp.zeros(3, bool)), ValueError, "must hold an unmasked score"),
+        (dict(tpr=1.2), ValueError, "`tpr` must be"),
     ],
 )
 def test_fit_threshold_bad_input(kwargs, err, match):
@@ -133,19 +133,22 @@ def test_detector_serialisation_round_trip():
     text = det.to_json()
     back = OODDetector.from_json(text)
     assert back == det and back.threshold == det.threshold  # exact float round trip
-    assert json.loads(text)["format"] == "isomax_jax.OODDetector/1"
+    assert json.loads(text)["format"] == "isomax_jax.OODDetector/2"
     assert OODDetector.from_dict(det.to_dict()) == det
 
 
 @pytest.mark.parametrize(
     "data, match",
     [
-        (dict(score="softmax", threshold=0.5), "score must be one of"),
-        (dict(score="entropic", threshold=float("nan")), "threshold must be finite"),
-        (dict(score="entropic", threshold=0.5, tpr=1.0), "tpr must be in"),
-        (dict(score="entropic", threshold=0.5, convention="sk"), "convention must be one of"),
-        (dict(score="entropic", threshold=0.5, extra=1), "unknown detector fields"),
-        (dict(score="entropic", threshold=0.5, format="other/2"), "unknown detector format"),
+        (dict(score="softmax", threshold=0.5), "unknown detector 'softmax'"),
+        (dict(detector="entropic", threshold=float("nan")), "`threshold` must be finite"),
+        (dict(detector="entropic", threshold=0.5, tpr=1.0), "`tpr` must be in"),
+        (dict(detector="entropic", threshold=0.5, convention="sk"), "`convention` must be one of"),
+        (dict(detector="entropic", threshold=0.5, extra=1), "unknown detector fields"),
+        (dict(detector="entropic", threshold=0.5, format="other/2"), "unknown detector format"),
+        (dict(detector="knn", threshold=0.5), "`knn` needs its fitted state"),
+        (dict(detector="energy", threshold=0.5, hyperparameters={"k": 3}), "`k` is not a hyper"),
+        (dict(detector="odin", threshold=0.5), "perturbs images"),
     ],
 )
 def test_detector_bad_input(data, match):
@@ -158,25 +161,25 @@ def test_detector_bad_input(data, match):
     [
         (
             '{"score": "entropic", "threshold": "0.5"}',
-            r"field 'threshold' must be a number, got '0.5'",
+            r"field 'threshold' must be a number; got '0.5'",
         ),
         (
             '{"score": "entropic", "threshold": true}',
-            r"field 'threshold' must be a number, got True",
+            r"field 'threshold' must be a number; got True",
         ),
         (
             '{"score": "entropic", "threshold": null}',
-            r"field 'threshold' must be a number, got None",
+            r"field 'threshold' must be a number; got None",
         ),
         ('{"score": "entropic", "threshold": 0.5, "tpr": "0.9"}', r"field 'tpr' must be a number"),
-        ('{"score": 3, "threshold": 0.5}', r"field 'score' must be a string, got 3"),
+        ('{"score": 3, "threshold": 0.5}', r"field 'score' must be a string; got 3"),
         ('{"score": "entropic", "threshold": 0.5, "convention": ["reference"]}', "'convention'"),
         ('{"score": "entropic"}', r"detector field\(s\) \['threshold'\] missing"),
-        ('{"threshold": 0.5}', r"detector field\(s\) \['score'\] missing"),
+        ('{"threshold": 0.5}', r"detector field\(s\) \['detector'\] missing"),
         ('[{"score": "entropic", "threshold": 0.5}]', "must be a JSON object .* got list"),
         ('"entropic"', "must be a JSON object .* got str"),
         ('{"score": "entropic", "threshold": 0.5', "detector JSON cannot be parsed"),
-        ('{"score": "entropic", "threshold": NaN}', "threshold must be finite"),
+        ('{"score": "entropic", "threshold": NaN}', "`threshold` must be finite"),
     ],
 )
 def test_detector_json_validated_field_by_field(text, match):
@@ -185,11 +188,11 @@ def test_detector_json_validated_field_by_field(text, match):
 
 
 def test_detector_constructor_refuses_strings_and_bools():
-    with pytest.raises(TypeError, match="threshold must be a real number, got '0.5'"):
+    with pytest.raises(TypeError, match="`threshold` must be a real number; got '0.5'"):
         OODDetector(score="entropic", threshold="0.5")
-    with pytest.raises(TypeError, match="tpr must be a real number, got True"):
+    with pytest.raises(TypeError, match="`tpr` must be a real number; got True"):
         OODDetector(score="entropic", threshold=0.5, tpr=True)
-    with pytest.raises(TypeError, match="score must be a str"):
+    with pytest.raises(TypeError, match="`detector` must be a detector name"):
         OODDetector(score=None, threshold=0.5)
     det = OODDetector(score="entropic", threshold=np.float32(-0.25), tpr=jnp.asarray(0.9))
     assert det.threshold == -0.25 and isinstance(det.threshold, float)
@@ -198,7 +201,7 @@ def test_detector_constructor_refuses_strings_and_bools():
 
 def test_fit_threshold_masks_must_be_boolean_and_jit_equals_eager():
     x = jnp.asarray(CASES["tied"], jnp.float32)
-    with pytest.raises(TypeError, match="in_mask must be a boolean mask"):
+    with pytest.raises(TypeError, match="`in_mask` must be a boolean mask"):
         fit_threshold(x, in_mask=jnp.ones(x.shape, jnp.float32))
     mask = jnp.ones(x.shape, bool)
     eager = float(fit_threshold(x, in_mask=mask))
@@ -209,7 +212,7 @@ def test_fit_threshold_masks_must_be_boolean_and_jit_equals_eager():
 
 def test_detector_bad_logits_shape():
     det = OODDetector(score="mmles", threshold=0.0)
-    with pytest.raises(ValueError, match=r"\[num_classes\] or \[batch, num_classes\]"):
+    with pytest.raises(ValueError, match=r"\[num_classes\] \(one input\) or \[batch, num_cl"):
         det.is_in_distribution(jnp.ones((2, 3, 4)))
 
 
@@ -223,3 +226,72 @@ def test_detector_evaluate_matches_ood_metrics():
     )
     for k in want:
         assert float(got[k]) == float(want[k]), k
+
+
+def _feature_data():
+    rng = np.random.default_rng(7)
+    centers = np.abs(rng.normal(size=(4, 6))) * 2
+    labels = np.arange(160) % 4
+    train = np.abs(centers[labels] + rng.normal(size=(160, 6))).astype(np.float32)
+    val = np.abs(centers[np.arange(40) % 4] + rng.normal(size=(40, 6))).astype(np.float32)
+    kernel = (rng.normal(size=(6, 4)) / 3).astype(np.float32)
+    bias = (rng.normal(size=4) * 0.1).astype(np.float32)
+    return train, labels, val, kernel, bias
+
+
+@pytest.mark.parametrize(
+    "name", ["mahalanobis", "relative_mahalanobis", "knn", "vim", "react", "ash", "energy"]
+)
+def test_any_detector_deploys_saves_and_loads(name, tmp_path):
+    """Issue 22.6: OODDetector.fit("knn", ...) was refused (logit scores only), so a fitted
+    KNN/Mahalanobis detector and its threshold had no saved form."""
+    train, labels, val, kernel, bias = _feature_data()
+    head_fn = lambda f: f @ kernel + bias[None, :]  # noqa: E731
+    head = dict(head_fn=head_fn, kernel=kernel, bias=bias)
+    det_hp = detectors.get("knn", k=5) if name == "knn" else name
+    fit_inputs = {"features": train, "labels": labels, "logits": train @ kernel + bias}
+    det = OODDetector.fit(
+        det_hp, val @ kernel + bias, features=val, train=fit_inputs, tpr=0.9, **head
+    )
+    # the threshold is fit_threshold of the detector's own scores of the validation data
+    state = det.detector.fit(**fit_inputs, **head) if det.detector.fit_inputs else {}
+    want = det.detector.score(state, features=val, logits=val @ kernel + bias, **head)
+    np.testing.assert_array_equal(det.scores(val @ kernel + bias, features=val, **head), want)
+    assert det.threshold == float(fit_threshold(want, tpr=0.9))
+    path = tmp_path / "detector.npz"
+    det.save(path)
+    back = OODDetector.load(path)
+    assert back == det and back.detector == det.detector and back.name == det.name
+    single = back.is_in_distribution(val[0] @ kernel + bias, features=val[0], **head)
+    batch = back.is_in_distribution(val @ kernel + bias, features=val, **head)
+    assert single.shape == () and batch.shape == (40,) and bool(single) == bool(batch[0])
+    np.testing.assert_array_equal(batch, want >= det.threshold)
+    if det.state:  # arrays cannot go into the JSON form
+        with pytest.raises(ValueError, match="has fitted arrays .* save"):
+            det.to_json()
+    else:
+        assert OODDetector.from_json(det.to_json()) == det
+
+
+def test_deployed_detector_refuses_a_state_of_another_detector(tmp_path):
+    train, labels, val, *_ = _feature_data()
+    knn_state = detectors.get("knn", k=5).fit(features=train)
+    with pytest.raises(ValueError, match="`state` was not fitted by `mahalanobis`"):
+        OODDetector("mahalanobis", 0.0, state=knn_state)
+    with pytest.raises(ValueError, match="has something to fit: pass train="):
+        OODDetector.fit("knn", features=val)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="junk.npz.* not a saved OODDetector"):
+        OODDetector.load(tmp_path / "junk.npz")
+
+
+def test_one_score_name_for_msp_and_first_version_json_still_loads():
+    """`scores.max_probability`, detector "msp" (title MPS): the alias works everywhere."""
+    assert detectors.get("max_probability") == detectors.get("msp")
+    assert detectors.get("msp").title == "MPS"
+    logits = _logits(5, 32)
+    a = OODDetector.fit("max_probability", logits, tpr=0.9)
+    b = OODDetector.fit("msp", logits, tpr=0.9)
+    assert a == b and a.name == "msp" and a.score == "msp"
+    first = '{"format": "isomax_jax.OODDetector/1", "score": "max_probability", "threshold": 0.5}'
+    assert OODDetector.from_json(first) == OODDetector("msp", 0.5)
