@@ -44,33 +44,6 @@ def reduce_row_chunks(fn: Callable, arrays: tuple[jax.Array, ...], chunk: int, c
     return lax.fori_loop(1, math.ceil(n / chunk), lambda i, acc: combine(acc, at(i)), at(0))
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "chunk"))
-def class_sums(features: jax.Array, labels: jax.Array, *, num_classes: int, chunk: int):
-    """Per-class feature sums ``[C, D]`` (one-hot matmuls per chunk)."""
-
-    def fn(valid, x, y):
-        onehot = (y[:, None] == jnp.arange(num_classes)[None, :]) & valid[:, None]
-        return onehot.astype(x.dtype).T @ x
-
-    return reduce_row_chunks(fn, (features, labels), chunk)
-
-
-@functools.partial(jax.jit, static_argnames=("chunk",))
-def centered_scatter(features: jax.Array, labels: jax.Array | None, means: jax.Array, *, chunk):
-    """``sum_i (x_i - m_{y_i})(x_i - m_{y_i})^T``, ``[D, D]``; ``labels=None`` uses ``means[0]``.
-
-    The second pass of a two-pass covariance (the means come first), so no cancellation.
-    """
-    if labels is None:
-        labels = jnp.zeros(features.shape[:1], jnp.int32)
-
-    def fn(valid, x, y):
-        centered = jnp.where(valid[:, None], x - means[y], 0)
-        return centered.T @ centered
-
-    return reduce_row_chunks(fn, (features, labels), chunk)
-
-
 def _order_keys(x: jax.Array) -> jax.Array:
     """Unsigned integer keys with the order of the floats (``-0.0`` just below ``+0.0``)."""
     bits = x.dtype.itemsize * 8

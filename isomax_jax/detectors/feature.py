@@ -1,16 +1,14 @@
 """Gaussian feature detectors: Mahalanobis (tied covariance) and relative Mahalanobis.
 
-Fit (eager, bounded memory): class means from chunked one-hot matmuls, then the tied covariance
-``Sigma = (1/N) sum_i (x_i - mu_{y_i})(x_i - mu_{y_i})^T + ridge I`` accumulated over row chunks
-(two passes, no cancellation; ``O(chunk * D + D^2)`` temporary memory, never ``N x N``). The state
-stores the class means and a whitening matrix ``W`` with ``W W^T = Sigma^{-1}`` (from
-``eigh(Sigma)``), so scoring is one ``[B, D] x [D, D]`` matmul for all classes:
-``d_c(x)^2 = ||(x - mu_c) W||^2``.
-
-A covariance whose smallest eigenvalue is at most ``D * eps(dtype) * largest`` (NumPy's
-``matrix_rank`` tolerance) is singular: ``fit`` raises ``ValueError`` naming ``features`` (dead or
-collinear feature dimensions, or fewer rows than dimensions) instead of silently using a
-pseudo-inverse; pass ``ridge > 0`` to regularise explicitly.
+Fit (eager, bounded memory): float64 sufficient statistics accumulated over row chunks
+(:class:`isomax_jax.detectors.gaussian.ClassMoments`: ``O(C D + D^2)`` memory, never ``N x N``),
+then the pseudo-inverse whitening ``W`` of the tied covariance
+``Sigma = (1/N) sum_i (x_i - mu_{y_i})(x_i - mu_{y_i})^T + ridge I`` in float64, stored in the
+features' dtype. Directions of no variance (dead ReLU units, collinear features, fewer rows
+than dimensions: eigenvalues at most ``lambda_max * D * eps``) are left out of the distance, as
+the original code's pseudo-inverse does, so the default ``ridge = 0`` works on real features.
+Scoring: all classes at matrix-product speed, the nearest two per row recomputed in the direct
+form ``||(x - mu_c) W||^2``; the error bound is in :mod:`isomax_jax.detectors.gaussian`.
 """
 
 from __future__ import annotations
@@ -19,10 +17,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from isomax_jax import validation
-from isomax_jax.detectors import chunked
+from isomax_jax.detectors import gaussian
 from isomax_jax.detectors.base import (
     Detector,
     as_matrix,
@@ -33,45 +30,7 @@ from isomax_jax.detectors.base import (
 )
 from isomax_jax.detectors.perturbation import check_images, check_norm_std, perturb
 
-
-def whitening(cov: jax.Array, name: str = "features") -> jax.Array:
-    """``W = V diag(lambda)^{-1/2}`` with ``W W^T = cov^{-1}``; ``ValueError`` if singular."""
-    eigenvalues, vectors = jnp.linalg.eigh(cov)
-    dim = cov.shape[0]
-    tol = float(eigenvalues[-1]) * dim * float(jnp.finfo(cov.dtype).eps)
-    rank = int(jnp.sum(eigenvalues > tol))
-    if rank < dim:
-        raise ValueError(
-            f"The covariance of `{name}` is singular (numerical rank {rank} of {dim}: constant or "
-            f"collinear feature dimensions, e.g. dead ReLU units, or fewer rows than dimensions); "
-            f"pass ridge > 0 to add ridge * I, or drop those dimensions."
-        )
-    return vectors / jnp.sqrt(eigenvalues)[None, :]
-
-
-def fit_tied_gaussian(x, labels, num_classes: int, *, ridge: float, chunk: int):
-    """Class means ``[C, D]`` and the whitening ``[D, D]`` of the tied covariance."""
-    counts = np.bincount(labels, minlength=num_classes)
-    y = jnp.asarray(labels, jnp.int32)
-    sums = chunked.class_sums(x, y, num_classes=num_classes, chunk=chunk)
-    means = sums / jnp.asarray(counts, x.dtype)[:, None]
-    scatter = chunked.centered_scatter(x, y, means, chunk=chunk)
-    cov = scatter / x.shape[0] + ridge * jnp.eye(x.shape[1], dtype=x.dtype)
-    return means, whitening(cov)
-
-
-def squared_distances(x: jax.Array, means: jax.Array, white: jax.Array) -> jax.Array:
-    """``||(x_b - mu_c) W||^2``, ``[B, D], [C, D], [D, D] -> [B, C]`` (clamped at 0).
-
-    Expanded as ``|z|^2 - 2 z.m + |m|^2`` (one matmul for all classes) after centring at the mean
-    of the class means, which keeps the terms small and the cancellation mild.
-    """
-    center = jnp.mean(means, axis=0)[None, :]
-    z = (x - center) @ white
-    m = (means - center) @ white
-    cross = z @ m.T
-    d2 = jnp.sum(z * z, axis=1)[:, None] - 2 * cross + jnp.sum(m * m, axis=1)[None, :]
-    return jnp.maximum(d2, 0)
+_STATE = ("means", "whitening", "center", "whitened_means")
 
 
 def _check_common(detector) -> None:
@@ -80,13 +39,20 @@ def _check_common(detector) -> None:
     validation.check_int("chunk", detector.chunk)
 
 
-def _fit_features(features, labels, logits, num_classes):
+def _fit_moments(detector, features, labels, logits) -> tuple[gaussian.ClassMoments, jnp.dtype]:
     x = as_matrix("features", features, "[N, D]")
     validation.check_finite("features", x)
     if logits is not None:
         validation.check_finite("logits", jnp.asarray(logits))
-    y, num_classes = check_labels(labels, x.shape[0], num_classes, logits)
-    return x, y, num_classes
+    y, num_classes = check_labels(labels, x.shape[0], detector.num_classes, logits)
+    return gaussian.moments_of(x, y, num_classes=num_classes, chunk=detector.chunk), x.dtype
+
+
+def _class_state(detector, moments: gaussian.ClassMoments, dtype) -> dict[str, jax.Array]:
+    white = gaussian.whitening(
+        moments.within_class_covariance(), ridge=detector.ridge, dtype=dtype
+    )
+    return gaussian.gaussian_state(moments.class_means(), white, dtype)
 
 
 def _needed(features):
@@ -111,9 +77,10 @@ class Mahalanobis(Detector):
 
     Hyperparameters: ``eps=0`` (no pre-processing: the paper tunes ``eps`` on OOD validation data,
     which nothing here may do; with ``eps > 0`` ``needs_images`` is True), ``norm_std=None``
-    (per-channel input std, as in ODIN), ``ridge=0`` (``Sigma + ridge I``; a singular ``Sigma``
-    raises), ``num_classes=None`` (else the logits' width or ``max(labels) + 1``), ``chunk=4096``
-    rows per fit chunk.
+    (per-channel input std, as in ODIN), ``ridge=0`` (``Sigma + ridge I``; directions of no
+    variance are dropped, as by the paper code's pseudo-inverse: see the module docstring),
+    ``num_classes=None`` (else the logits' width or ``max(labels) + 1``), ``chunk=4096`` rows
+    per fit chunk.
 
     pytorch-ood 0.4.0 differs: its covariance is the *sum* ``S`` (not divided by ``N``) plus
     ``1e-6 I``, and its outlier score is ``0.5 min_c d_c^2``. With ``ridge = 1e-6 / N`` the two are
@@ -129,7 +96,7 @@ class Mahalanobis(Detector):
     title = "Mahalanobis"
     fit_inputs = frozenset({"features", "labels"})
     score_inputs = frozenset({"features"})
-    state_keys = frozenset({"means", "whitening"})
+    state_keys = frozenset(_STATE)
 
     def __post_init__(self):
         _check_common(self)
@@ -141,9 +108,8 @@ class Mahalanobis(Detector):
         return self.eps > 0
 
     def _fit(self, *, features, labels, logits, **_):
-        x, y, num_classes = _fit_features(features, labels, logits, self.num_classes)
-        means, white = fit_tied_gaussian(x, y, num_classes, ridge=self.ridge, chunk=self.chunk)
-        return {"means": means, "whitening": white}
+        moments, dtype = _fit_moments(self, features, labels, logits)
+        return _class_state(self, moments, dtype)
 
     def _prepare(self, state, *, features):
         x = as_matrix("features", features, "[batch, features]")
@@ -151,8 +117,7 @@ class Mahalanobis(Detector):
         return {"features": x}
 
     def _score(self, state, head_fn, *, features):
-        d2 = squared_distances(features, state["means"], state["whitening"])
-        return -jnp.min(d2, axis=1)
+        return -gaussian.nearest_squared_distance(features, state)
 
     def score_images(self, state, apply_fn, images, **head_inputs):
         """Scores ``images``; with ``eps > 0`` after the paper's input pre-processing.
@@ -166,9 +131,7 @@ class Mahalanobis(Detector):
 
     def _score_images(self, state, apply_fn, images):
         def loss(logits, features):
-            d2 = squared_distances(_needed(features), state["means"], state["whitening"])
-            nearest = jnp.argmin(jax.lax.stop_gradient(d2), axis=1)
-            return jnp.take_along_axis(d2, nearest[:, None], axis=1)[:, 0]
+            return gaussian.nearest_squared_distance(_needed(features), state)
 
         x = images
         if self.eps > 0:
@@ -200,30 +163,27 @@ class RelativeMahalanobis(Detector):
     title = "RMD"
     fit_inputs = frozenset({"features", "labels"})
     score_inputs = frozenset({"features"})
-    state_keys = frozenset({"means", "whitening", "background_mean", "background_whitening"})
+    state_keys = frozenset((*_STATE, "background_mean", "background_whitening"))
 
     def __post_init__(self):
         _check_common(self)
 
     def _fit(self, *, features, labels, logits, **_):
-        x, y, num_classes = _fit_features(features, labels, logits, self.num_classes)
-        means, white = fit_tied_gaussian(x, y, num_classes, ridge=self.ridge, chunk=self.chunk)
-        background, white0 = fit_tied_gaussian(
-            x, np.zeros_like(y), 1, ridge=self.ridge, chunk=self.chunk
-        )
+        moments, dtype = _fit_moments(self, features, labels, logits)
+        white0 = gaussian.whitening(moments.covariance(), ridge=self.ridge, dtype=dtype)
         return {
-            "means": means,
-            "whitening": white,
-            "background_mean": background[0],
-            "background_whitening": white0,
+            **_class_state(self, moments, dtype),
+            "background_mean": jnp.asarray(moments.mean(), dtype),
+            "background_whitening": jnp.asarray(white0, dtype),
         }
 
     _prepare = Mahalanobis._prepare
 
     def _score(self, state, head_fn, *, features):
-        d2 = squared_distances(features, state["means"], state["whitening"])
-        z0 = (features - state["background_mean"][None, :]) @ state["background_whitening"]
-        return jnp.sum(z0 * z0, axis=1) - jnp.min(d2, axis=1)
+        d0 = gaussian.direct_squared_distance(
+            features, state["background_mean"][None, :], state["background_whitening"]
+        )
+        return d0 - gaussian.nearest_squared_distance(features, state)
 
 
 DETECTORS = (Mahalanobis, RelativeMahalanobis)

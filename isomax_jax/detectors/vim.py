@@ -7,10 +7,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from isomax_jax import scores, validation
-from isomax_jax.detectors import chunked
+from isomax_jax.detectors import gaussian
 from isomax_jax.detectors.base import Detector, as_matrix, check_width
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def principal_dim(dim: int) -> int:
@@ -47,7 +50,8 @@ class ViM(Detector):
     ``[D, C]``, ``bias`` ``b`` is ``[C]``); ``N`` (``[D, D - dim]``) spans the eigenvectors of the
     training covariance about ``u`` (``(1/N) sum (f - u)(f - u)^T``, accumulated in chunks) with the
     smallest ``D - dim`` eigenvalues; ``alpha = mean_i max_j logit_ij / mean_i ||(f_i - u) N||``
-    over the training set. The score is the authors' code's ``-vlogit + energy``. Default
+    over the training set, all fitted in float64 on the host, chunk by chunk. The score is the
+    authors' code's ``-vlogit + energy``. Default
     ``dim=None``: the paper's rule :func:`principal_dim` (1000 for ``D >= 2048``, 512 for
     ``D >= 768``, ``D // 2`` below). ``chunk=4096`` rows per fit chunk.
 
@@ -91,17 +95,30 @@ class ViM(Detector):
             raise ValueError(
                 f"`dim`={dim} must be in [1, D) for features of width D = {dim_features}."
             )
-        origin = -(jnp.linalg.pinv(kernel.T) @ bias)
-        scatter = chunked.centered_scatter(x, None, origin[None, :], chunk=self.chunk)
-        _, vectors = jnp.linalg.eigh(scatter / n)  # ascending eigenvalues
-        null_space = vectors[:, : dim_features - dim]
-        max_logit, residual = _alpha_sums(x, kernel, bias, origin, null_space, self.chunk)
-        if not float(residual) > 0:
+        # Float64 on the host, chunk by chunk (as the Gaussian detectors): the null space is
+        # spanned by the smallest eigenvalues, which a float32 fit resolves poorly.
+        k64, b64 = np.asarray(kernel, np.float64), np.asarray(bias, np.float64)
+        origin = -(np.linalg.pinv(k64.T) @ b64)
+        moments = gaussian.moments_of(x, np.zeros(n, np.int64), num_classes=1, chunk=self.chunk)
+        offset = moments.mean() - origin  # scatter about the origin = covariance + offset^2
+        _, vectors = np.linalg.eigh(moments.covariance() + np.outer(offset, offset))
+        null_space = vectors[:, : dim_features - dim]  # eigenvalues ascend
+        max_logit = residual = 0.0
+        for start in range(0, n, self.chunk):
+            rows = np.asarray(x[start : start + self.chunk], np.float64)
+            max_logit += float(np.sum(np.max(rows @ k64 + b64[None, :], axis=1)))
+            residual += float(np.sum(np.linalg.norm((rows - origin) @ null_space, axis=1)))
+        if not residual > 0:
             raise ValueError(
                 "`features` have no residual outside the principal space (all training features "
                 "lie in it), so ViM's alpha is undefined; use a smaller `dim`."
             )
-        return {"origin": origin, "null_space": null_space, "alpha": max_logit / residual}
+        cast = functools.partial(jnp.asarray, dtype=x.dtype)
+        return {
+            "origin": cast(origin),
+            "null_space": cast(null_space),
+            "alpha": cast(max_logit / residual),
+        }
 
     def _prepare(self, state, *, features, kernel, bias):
         x = as_matrix("features", features, "[batch, features]")
@@ -110,26 +127,12 @@ class ViM(Detector):
         return {"features": x, "kernel": kernel, "bias": bias}
 
     def _score(self, state, head_fn, *, features, kernel, bias):
-        logits = features @ kernel + bias[None, :]
-        residual = (features - state["origin"][None, :]) @ state["null_space"]
+        logits = jnp.matmul(features, kernel, precision=_HIGHEST) + bias[None, :]
+        residual = jnp.matmul(
+            features - state["origin"][None, :], state["null_space"], precision=_HIGHEST
+        )
         virtual = state["alpha"] * jnp.sqrt(jnp.sum(residual * residual, axis=1))
         return scores.energy(logits) - virtual
-
-
-@functools.partial(jax.jit, static_argnums=(5,))
-def _alpha_sums(x, kernel, bias, origin, null_space, chunk):
-    """Sums over training rows of the max logit and of the residual norm (chunked)."""
-
-    def fn(valid, rows):
-        logits = rows @ kernel + bias[None, :]
-        residual = (rows - origin[None, :]) @ null_space
-        norms = jnp.sqrt(jnp.sum(residual * residual, axis=1))
-        return (
-            jnp.sum(jnp.where(valid, jnp.max(logits, axis=1), 0)),
-            jnp.sum(jnp.where(valid, norms, 0)),
-        )
-
-    return chunked.reduce_row_chunks(fn, (x,), chunk)
 
 
 DETECTORS = (ViM,)
