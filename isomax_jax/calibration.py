@@ -111,8 +111,8 @@ def calibrate_temperature(
     """Temperature ``T`` in ``bounds`` that minimises the ECE of ``softmax(logits / T)``.
 
     Evaluates the ECE on ``num_candidates`` temperatures spaced evenly in ``log T`` over
-    ``bounds``, then twice more on as many between the neighbours of the best one; returns the best
-    (the smallest ``T`` among ties). Apply it with ``logits / T`` or
+    ``bounds``, then twice more (two refinement passes) on as many between the neighbours of the
+    best one; returns the best (the smallest ``T`` among ties). Apply it with ``logits / T`` or
     ``head.clone(temperature=float(T))``.
 
     Args:
@@ -121,7 +121,8 @@ def calibrate_temperature(
       num_bins: ECE bins (15 in the papers), a Python int ``>= 1``.
       bounds: ``(low, high)`` search interval, finite with ``0 < low < high`` (the reference's
         default).
-      num_candidates: grid size of each of the two passes, a Python int ``>= 2``.
+      num_candidates: grid size of each of the three passes (the coarse grid and its two
+        refinements), a Python int ``>= 2``.
 
     Returns:
       Scalar temperature, float32 or wider; NaN under ``jit`` when the traced logits hold

@@ -147,7 +147,7 @@ class OODDetector:
         tpr: float = 0.95,
         convention: str = "reference",
         *,
-        state: Mapping[str, Any] | None = None,
+        state: chex.ArrayTree | None = None,
         score: str | None = None,
     ):
         if detector is None:
@@ -205,7 +205,7 @@ class OODDetector:
         bias: jax.typing.ArrayLike | None = None,
         mask: jax.typing.ArrayLike | None = None,
         train: Mapping[str, Any] | None = None,
-        state: Mapping[str, Any] | None = None,
+        state: chex.ArrayTree | None = None,
         tpr: float = 0.95,
         convention: str = "reference",
     ) -> OODDetector:
@@ -341,9 +341,7 @@ class OODDetector:
         }
 
     @classmethod
-    def from_dict(
-        cls, data: Mapping[str, Any], state: Mapping[str, Any] | None = None
-    ) -> OODDetector:
+    def from_dict(cls, data: Mapping[str, Any], state: chex.ArrayTree | None = None) -> OODDetector:
         """The detector of a :meth:`to_dict` dict (this version's or the first), checked field by
         field (:func:`isomax_jax.detector_format.read_fields`): ``detector`` (or the first
         version's ``score``) and ``threshold`` are required; ``hyperparameters``, ``tpr``,

@@ -52,6 +52,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -205,7 +206,7 @@ def convert_state_dict(
     *,
     image_shape: tuple[int, int, int] = (32, 32, 3),
     allow_non_finite: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, chex.ArrayTree]:
     """Converts a reference PyTorch ``state_dict`` into ``{"params", "batch_stats"}`` for ``model``.
 
     Args:
@@ -251,7 +252,7 @@ def _convert(
     source: str,
     image_shape: tuple[int, ...],
     allow_non_finite: bool,
-) -> dict[str, Any]:
+) -> dict[str, chex.ArrayTree]:
     """:func:`convert_state_dict`, naming ``source`` (the state_dict or the file) in errors."""
     recorded, model_head = _recorded_head(state_dict, source), _head_name(model)
     if recorded is not None and recorded != model_head:
@@ -347,7 +348,7 @@ def load_torch_checkpoint(
     *,
     image_shape: tuple[int, int, int] = (32, 32, 3),
     allow_non_finite: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, chex.ArrayTree]:
     """Loads a ``torch.save(model.state_dict(), path)`` file into Flax variables for ``model``.
 
     The file is read with ``torch.load(path, weights_only=True, map_location="cpu")`` with NumPy
@@ -404,7 +405,9 @@ def load_torch_checkpoint(
     return _convert(model, state, f"the checkpoint {name!r}", image_shape, allow_non_finite)
 
 
-def to_torch_state_dict(model: nn.Module, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def to_torch_state_dict(
+    model: nn.Module, variables: Mapping[str, chex.ArrayTree]
+) -> dict[str, np.ndarray]:
     """The inverse of :func:`convert_state_dict`: Flax variables -> reference torch keys.
 
     Returns an ``OrderedDict`` (as ``torch_model.state_dict()`` does) of writable, C-contiguous

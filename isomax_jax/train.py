@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -68,16 +69,16 @@ class TrainState(flax.struct.PyTreeNode):
     """
 
     step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
+    params: chex.ArrayTree
+    batch_stats: chex.ArrayTree
+    opt_state: optax.OptState
     rng: jax.Array
     apply_fn: Callable = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
     loss: LossConfig = flax.struct.field(pytree_node=False)
 
     @property
-    def variables(self) -> dict[str, Any]:
+    def variables(self) -> dict[str, chex.ArrayTree]:
         """The Flax variables ``{"params", "batch_stats"}`` for ``model.apply``."""
         return {"params": self.params, "batch_stats": self.batch_stats}
 
@@ -181,7 +182,7 @@ def create_train_state(
     tx: optax.GradientTransformation,
     loss: LossConfig,
     input_shape: Sequence[int] = (1, 32, 32, 3),
-    variables: Mapping[str, Any] | None = None,
+    variables: Mapping[str, chex.ArrayTree] | None = None,
 ) -> TrainState:
     """Initialises the model (or takes given ``variables``) and the optimiser state.
 
