@@ -31,3 +31,17 @@ def test_readme_detectors_example_runs():
     score = np.asarray(namespace["ood_score"])
     assert score.shape == (8,)
     assert np.all(np.isfinite(score))
+
+
+def test_readme_deployment_example_runs():
+    """The deployment block continues the detectors block (same namespace), as a reader runs
+    them."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    first = next(b for b in blocks if "detectors.get(" in b)
+    deploy = next(b for b in blocks if "OODDetector" in b)
+    namespace: dict = {}
+    exec(compile(first, str(README), "exec"), namespace)  # noqa: S102
+    exec(compile(deploy, str(README), "exec"), namespace)  # noqa: S102
+    is_in = np.asarray(namespace["is_in"])
+    assert is_in.shape == (8,) and is_in.dtype == bool
+    assert namespace["det"].name == "knn" and namespace["det"].tpr == 0.95
