@@ -49,9 +49,7 @@ def _fit_moments(detector, features, labels, logits) -> tuple[gaussian.ClassMome
 
 
 def _class_state(detector, moments: gaussian.ClassMoments, dtype) -> dict[str, jax.Array]:
-    white = gaussian.whitening(
-        moments.within_class_covariance(), ridge=detector.ridge, dtype=dtype
-    )
+    white = gaussian.whitening(moments.within_class_covariance(), ridge=detector.ridge, dtype=dtype)
     return gaussian.gaussian_state(moments.class_means(), white, dtype)
 
 
