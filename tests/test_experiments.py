@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import records, report, summaries, train_eval, training, validate
+from experiments import evaluate, records, report, summaries, train_eval, training, validate
 from experiments.configs import default, paper
 from isomax_jax import parallel
 from isomax_jax.data import testing
@@ -176,6 +176,17 @@ def test_verdicts_compare_with_softmax_best_detector():
     assert summaries.best_detector(summaries.summarize(runs), "softmax", "c", "auroc") == "entropic"
 
 
+def test_a_detector_that_cannot_be_fitted_is_reported():
+    info = evaluate._detector_info({"isomax_seed0": ["msp"]}, {"isomax_seed0": {"knn": "why"}})
+    assert info["knn"] == {"title": "KNN", "not_fitted": {"isomax_seed0": "why"}}
+    assert "hyperparameters" in info["msp"] and "not_fitted" not in info["msp"]
+    config = {"model": "m", "dataset": "cifar10", "ood_datasets": ["a"], "batch_size": 8}
+    config["losses"], config["conventions"] = ["isomax"], ["reference"]
+    run = _result("isomax", 0, {"a": {"msp": 0.5}})
+    results = report.build_results(config, [run], detectors=info)
+    assert "- KNN not fitted for isomax_seed0: why" in report.markdown(results)
+
+
 @pytest.mark.slow
 def test_tiny_experiment_end_to_end(finished):
     workdir, results = finished
@@ -208,9 +219,10 @@ def test_tiny_experiment_end_to_end(finished):
     assert "summary.png" in pngs and "roc_mnist.png" in pngs
     logits = np.load(workdir / "logits" / "isomax_seed0.npz")
     assert logits["cifar10"].shape == (64, 10) and np.isfinite(logits["mnist"]).all()
-    # 64 random examples give a singular feature covariance: reported, not a crash
-    assert "softmax_seed0" in results["detectors"]["mahalanobis"]["not_fitted"]
-    assert "singular" in md or "not fitted" in md
+    # 64 examples of 128 features: a singular covariance, fitted over its resolvable directions
+    # (dead units work), so Mahalanobis is scored for every run and nothing is left unfitted
+    assert all("mahalanobis" in run["ood"]["mnist"] for run in results["runs"])
+    assert "not_fitted" not in results["detectors"]["mahalanobis"] and "not fitted" not in md
 
 
 @pytest.mark.slow
