@@ -1,9 +1,14 @@
-"""Tests of isomax_jax.scores against independent NumPy float64 references."""
+"""Tests of isomax_jax.scores against independent NumPy float64 references.
 
+The reference checks run in chex variants: eagerly, under `jit` and under `pmap`.
+"""
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from isomax_jax import scores
 
@@ -34,39 +39,73 @@ def _logits(seed, b=7, c=5):
     return np.random.default_rng(seed).normal(size=(b, c)).astype(np.float32) * 3
 
 
-@pytest.mark.parametrize("name", list(REFERENCES))
-def test_scores_match_numpy(name):
-    logits = _logits(0)
-    fn = getattr(scores, name)
-    out = jax.jit(fn)(logits)
-    assert out.shape == (7,) and out.dtype == jnp.float32
-    np.testing.assert_allclose(out, REFERENCES[name](logits), rtol=1e-5, atol=1e-6)
-    # batched == vmap over single rows
-    rows = jax.vmap(lambda z: fn(z[None])[0])(logits)
-    np.testing.assert_allclose(rows, out, rtol=1e-6, atol=1e-7)
+INF = np.inf
+# Rows of extended-real logits and the score each one must give (see the module docstring).
+INFINITE_ROWS = [[-INF, 0.0], [INF, 0.0], [INF, INF], [-INF, -INF], [INF, -INF], [-INF, 2.0]]
+INFINITE_EXPECTED = {
+    "max_probability": [1.0, 1.0, 0.5, 0.5, 1.0, 1.0],
+    "entropic": [0.0, 0.0, -np.log(2.0), -np.log(2.0), 0.0, 0.0],
+    "min_distance": [0.0, INF, INF, -INF, INF, 2.0],
+    "mmls": [-INF, INF, INF, -INF, np.nan, -INF],
+    "mmles": [-INF, INF, INF, -INF, np.nan, -INF],
+    "energy": [0.0, INF, INF, -INF, INF, 2.0],
+}
+NAMES = [(name, name) for name in REFERENCES]
 
 
-@pytest.mark.parametrize("name", list(REFERENCES))
-def test_scores_float64_and_bfloat16(name):
-    fn = getattr(scores, name)
-    logits = _logits(1)
-    with jax.enable_x64(True):
-        out = fn(logits.astype(np.float64))
-        assert out.dtype == jnp.float64
-        np.testing.assert_allclose(out, REFERENCES[name](logits), rtol=1e-10, atol=1e-12)
-    low = logits.astype(jnp.bfloat16)
-    out = fn(low)
-    assert out.dtype == jnp.float32
-    np.testing.assert_allclose(
-        out, REFERENCES[name](np.asarray(low, np.float64)), rtol=1e-5, atol=1e-6
-    )
+class ScoresMatchNumpyTest(chex.TestCase):
+    """Every score against its NumPy float64 reference, eagerly, under jit and under pmap.
 
+    ``with_pmap`` replicates the logits to the 8 devices (chex's ``broadcast_args_to_devices``)
+    and checks the first device's scores.
+    """
 
-def test_energy_temperature():
-    logits = _logits(2)
-    out = scores.energy(logits, temperature=2.0)
-    ref = 2.0 * np.log(np.exp(np.asarray(logits, np.float64) / 2.0).sum(1))
-    np.testing.assert_allclose(out, ref, rtol=1e-5)
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    @parameterized.named_parameters(*NAMES)
+    def test_float32_float64_and_bfloat16(self, name):
+        fn = getattr(scores, name)
+        logits = _logits(0)
+        out = self.variant(fn)(logits)
+        assert out.shape == (7,) and out.dtype == jnp.float32
+        np.testing.assert_allclose(out, REFERENCES[name](logits), rtol=1e-5, atol=1e-6)
+        # batched == vmap over single rows
+        rows = jax.vmap(lambda z: fn(z[None])[0])(logits)
+        np.testing.assert_allclose(rows, out, rtol=1e-6, atol=1e-7)
+        logits = _logits(1)
+        with jax.enable_x64(True):
+            out = self.variant(fn)(logits.astype(np.float64))
+            assert out.dtype == jnp.float64
+            np.testing.assert_allclose(out, REFERENCES[name](logits), rtol=1e-10, atol=1e-12)
+        low = logits.astype(jnp.bfloat16)
+        out = self.variant(fn)(low)
+        assert out.dtype == jnp.float32
+        np.testing.assert_allclose(
+            out, REFERENCES[name](np.asarray(low, np.float64)), rtol=1e-5, atol=1e-6
+        )
+
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    @parameterized.named_parameters(*NAMES)
+    def test_infinite_logits_give_the_extended_real_value(self, name):
+        logits = np.array(INFINITE_ROWS, np.float32)
+        out = self.variant(getattr(scores, name))(logits)
+        np.testing.assert_allclose(out, INFINITE_EXPECTED[name], rtol=1e-6, atol=0, err_msg=name)
+
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    @parameterized.named_parameters(*NAMES)
+    def test_nan_logit_gives_nan_for_its_row_only(self, name):
+        logits = np.array([[np.nan, 0.0, 1.0], [0.5, 0.0, 1.0]], np.float32)
+        out = np.asarray(self.variant(getattr(scores, name))(logits))
+        assert np.isnan(out[0]) and np.isfinite(out[1])
+        np.testing.assert_allclose(out[1], REFERENCES[name](logits[1:])[0], rtol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    def test_energy_temperature(self):
+        logits = _logits(2)
+        # The temperature is traced under jit and pmap (broadcast with the logits), concrete
+        # without jit.
+        out = self.variant(scores.energy)(logits, temperature=2.0)
+        ref = 2.0 * np.log(np.exp(np.asarray(logits, np.float64) / 2.0).sum(1))
+        np.testing.assert_allclose(out, ref, rtol=1e-5)
 
 
 def test_entropic_scores_finite_when_probabilities_underflow():
@@ -88,27 +127,6 @@ def test_bad_inputs(name):
         fn(np.zeros((2, 3), np.int32))
 
 
-INF = np.inf
-# Rows of extended-real logits and the score each one must give (see the module docstring).
-INFINITE_ROWS = [[-INF, 0.0], [INF, 0.0], [INF, INF], [-INF, -INF], [INF, -INF], [-INF, 2.0]]
-INFINITE_EXPECTED = {
-    "max_probability": [1.0, 1.0, 0.5, 0.5, 1.0, 1.0],
-    "entropic": [0.0, 0.0, -np.log(2.0), -np.log(2.0), 0.0, 0.0],
-    "min_distance": [0.0, INF, INF, -INF, INF, 2.0],
-    "mmls": [-INF, INF, INF, -INF, np.nan, -INF],
-    "mmles": [-INF, INF, INF, -INF, np.nan, -INF],
-    "energy": [0.0, INF, INF, -INF, INF, 2.0],
-}
-
-
-@pytest.mark.parametrize("name", list(REFERENCES))
-def test_infinite_logits_give_the_extended_real_value(name):
-    logits = np.array(INFINITE_ROWS, np.float32)
-    fn = getattr(scores, name)
-    for out in (fn(logits), jax.jit(fn)(logits)):
-        np.testing.assert_allclose(out, INFINITE_EXPECTED[name], rtol=1e-6, atol=0, err_msg=name)
-
-
 @pytest.mark.parametrize("name", ["max_probability", "entropic"])
 def test_bounded_scores_are_finite_for_every_nan_free_input(name):
     """The README's promise: ES (and MPS) never return NaN unless a logit is NaN."""
@@ -119,14 +137,6 @@ def test_bounded_scores_are_finite_for_every_nan_free_input(name):
     assert np.all(np.isfinite(out)), logits[~np.isfinite(out)][:5]
     low = 0.25 if name == "max_probability" else -np.log(4.0)
     assert np.all(out >= low - 1e-6) and np.all(out <= 1.0)
-
-
-@pytest.mark.parametrize("name", list(REFERENCES))
-def test_nan_logit_gives_nan_for_its_row_only(name):
-    logits = np.array([[np.nan, 0.0, 1.0], [0.5, 0.0, 1.0]], np.float32)
-    out = np.asarray(getattr(scores, name)(logits))
-    assert np.isnan(out[0]) and np.isfinite(out[1])
-    np.testing.assert_allclose(out[1], REFERENCES[name](logits[1:])[0], rtol=1e-5)
 
 
 def test_gradients_finite_with_an_infinite_logit():
