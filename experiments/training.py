@@ -218,8 +218,12 @@ def _device_batches(config: Any, split, *, seed: int, start: int, total: int, me
         start_step=start, num_steps=total - start,
     )  # fmt: skip
     host = iter(batches)
-    first = next(host)
-    validation.validate_labels(first["label"], NUM_CLASSES[config.dataset])
+    try:
+        first = next(host)
+        validation.validate_labels(first["label"], NUM_CLASSES[config.dataset])
+    except BaseException:
+        batches.close()  # stops its prefetch thread
+        raise
     return batches, parallel.prefetch_to_mesh(itertools.chain([first], host), mesh)
 
 
@@ -273,10 +277,10 @@ def train_one(
 
     schedule = make_schedule(config, plan)
     log = _TrainingLog(loss, seed, workdir, start=start, total=total, schedule=schedule)
-    batches, device_batches = _device_batches(
-        config, split, seed=seed, start=start, total=total, mesh=mesh
-    )
     try:
+        batches, device_batches = _device_batches(
+            config, split, seed=seed, start=start, total=total, mesh=mesh
+        )
         with batches:
             step_fn = parallel.sharded_train_step(mesh)
             state = _train_steps(config, plan, state, ckpt, log, device_batches, step_fn)
