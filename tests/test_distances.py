@@ -1,13 +1,19 @@
-"""Tests of isomax_jax.distances against independent NumPy float64 references."""
+"""Tests of isomax_jax.distances against independent NumPy float64 references.
+
+The reference checks run in chex variants: eagerly, under ``jit`` and, for the logits (one row
+per example), under ``pmap``.
+"""
 
 import functools
 import math
 
+import chex
 import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from jax.test_util import check_grads
 
 from isomax_jax import calibration, distances, heads, scores, validation
@@ -53,39 +59,62 @@ def _inputs(seed, b=5, c=4, d=6, dtype=np.float32):
     )
 
 
-@pytest.mark.parametrize("method", ["exact", "matmul"])
-def test_pairwise_distance_matches_numpy(method):
-    f, p, _ = _inputs(0)
-    out = jax.jit(pairwise_distance, static_argnames="method")(f, p, method=method)
-    rtol = 1e-5 if method == "exact" else 1e-4
-    np.testing.assert_allclose(out, np_distance(f, p), rtol=rtol, atol=1e-6)
+class LogitsMatchNumpyTest(chex.TestCase):
+    """Distances and the three logit maps against NumPy, eagerly, under jit and under pmap.
 
+    ``with_pmap`` replicates the arguments to the 8 devices (chex's
+    ``broadcast_args_to_devices``) and checks the first device's result.
+    """
 
-def test_logits_match_numpy_float32():
-    f, p, s = _inputs(1)
-    np.testing.assert_allclose(
-        jax.jit(isomax_logits)(f, p, temperature=2.0), np_isomax(f, p, 2.0), rtol=1e-5
-    )
-    np.testing.assert_allclose(
-        jax.jit(isomax_plus_logits)(f, p, s, temperature=0.5),
-        np_isomax_plus(f, p, s[0], 0.5),
-        rtol=1e-5,
-    )
-    np.testing.assert_allclose(
-        jax.jit(dismax_logits)(f, p, s, temperature=3.0), np_dismax(f, p, s[0], 3.0), rtol=1e-5
-    )
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    @parameterized.named_parameters(("exact", "exact"), ("matmul", "matmul"))
+    def test_pairwise_distance(self, method):
+        f, p, _ = _inputs(0)
+        out = self.variant(functools.partial(pairwise_distance, method=method))(f, p)
+        rtol = 1e-5 if method == "exact" else 1e-4
+        np.testing.assert_allclose(out, np_distance(f, p), rtol=rtol, atol=1e-6)
 
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    def test_logits_float32(self):
+        # The temperatures are traced under jit and pmap, concrete without jit.
+        f, p, s = _inputs(1)
+        np.testing.assert_allclose(
+            self.variant(isomax_logits)(f, p, temperature=2.0), np_isomax(f, p, 2.0), rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            self.variant(isomax_plus_logits)(f, p, s, temperature=0.5),
+            np_isomax_plus(f, p, s[0], 0.5),
+            rtol=1e-5,
+        )
+        np.testing.assert_allclose(
+            self.variant(dismax_logits)(f, p, s, temperature=3.0),
+            np_dismax(f, p, s[0], 3.0),
+            rtol=1e-5,
+        )
 
-def test_logits_match_numpy_float64():
-    with jax.enable_x64(True):
-        f, p, s = _inputs(2, dtype=np.float64)
-        for out, ref in [
-            (isomax_logits(f, p), np_isomax(f, p)),
-            (isomax_plus_logits(f, p, -s), np_isomax_plus(f, p, s[0])),
-            (dismax_logits(f, p, s), np_dismax(f, p, s[0])),
-        ]:
-            assert out.dtype == jnp.float64
-            np.testing.assert_allclose(out, ref, rtol=1e-10, atol=0)
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    def test_logits_float64(self):
+        with jax.enable_x64(True):
+            f, p, s = _inputs(2, dtype=np.float64)
+            for out, ref in [
+                (self.variant(isomax_logits)(f, p), np_isomax(f, p)),
+                (self.variant(isomax_plus_logits)(f, p, -s), np_isomax_plus(f, p, s[0])),
+                (self.variant(dismax_logits)(f, p, s), np_dismax(f, p, s[0])),
+            ]:
+                assert out.dtype == jnp.float64
+                np.testing.assert_allclose(out, ref, rtol=1e-10, atol=0)
+
+    @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+    def test_bfloat16_inputs_give_float32(self):
+        f, p, s = _inputs(8)
+        out = self.variant(isomax_plus_logits)(f.astype(jnp.bfloat16), p.astype(jnp.bfloat16), s)
+        assert out.dtype == jnp.float32
+        ref = np_isomax_plus(
+            np.asarray(f.astype(jnp.bfloat16), np.float64),
+            np.asarray(p.astype(jnp.bfloat16), np.float64),
+            s[0],
+        )
+        np.testing.assert_allclose(out, ref, rtol=1e-5)
 
 
 def test_batched_equals_vmap():
@@ -157,18 +186,6 @@ def test_forward_mode_matches_reverse_mode():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_bfloat16_inputs_give_float32():
-    f, p, s = _inputs(8)
-    out = isomax_plus_logits(f.astype(jnp.bfloat16), p.astype(jnp.bfloat16), s)
-    assert out.dtype == jnp.float32
-    ref = np_isomax_plus(
-        np.asarray(f.astype(jnp.bfloat16), np.float64),
-        np.asarray(p.astype(jnp.bfloat16), np.float64),
-        s[0],
-    )
-    np.testing.assert_allclose(out, ref, rtol=1e-5)
-
-
 def test_matmul_method_error_near_zero_distance():
     """Documents the matmul form's loss of precision near d = 0 (float32, unit vectors)."""
     rng = np.random.default_rng(9)
@@ -230,35 +247,43 @@ def _adversarial_pairs(seed, d=256):
     return {name: (f.astype(np.float32), p.astype(np.float32)) for name, (f, p) in cases.items()}
 
 
-@pytest.mark.parametrize(
-    "case", ["near_one", "two_duplicates", "three_duplicates", "offset", "norms"]
-)
-def test_exact_distance_meets_the_written_error_bound(case):
-    """Every entry within (K gamma_{D+3} + 2u) d of the float64 distance of the float32 inputs."""
-    f, p = _adversarial_pairs(0)[case]
-    ref = np_distance(f, p)
-    u = np.finfo(np.float32).eps / 2
-    n = f.shape[1] + 3
-    bound = (distances.CANCELLATION_LIMIT * n * u / (1 - n * u) + 2 * u) * ref
-    exact = np.asarray(jax.jit(pairwise_distance)(f, p), np.float64)
-    assert np.all(np.abs(exact - ref) <= bound), np.max(
-        np.abs(exact - ref) / np.maximum(ref, 1e-30)
-    )
-    np.testing.assert_array_equal(exact[ref == 0], 0.0)
-    matmul = np.asarray(pairwise_distance(f, p, method="matmul"), np.float64)
-    if case == "norms":  # no cancellation: the matrix-product form alone meets the bound too
-        assert np.all(np.abs(matmul - ref) <= bound)
-    else:  # the inputs are adversarial: the matrix-product form alone does not
-        assert np.any(np.abs(matmul - ref) > bound)
+CASES = [
+    (case, case) for case in ("near_one", "two_duplicates", "three_duplicates", "offset", "norms")
+]
 
 
-def test_exact_distance_float64_near_duplicates():
-    with jax.enable_x64(True):
-        for case, (f, p) in _adversarial_pairs(1).items():
-            f, p = f.astype(np.float64), p.astype(np.float64)
-            out = jax.jit(pairwise_distance)(f, p)
-            assert out.dtype == jnp.float64
-            np.testing.assert_allclose(out, np_distance(f, p), rtol=1e-10, atol=0, err_msg=case)
+class ExactDistanceMatchesNumpyTest(chex.TestCase):
+    """The exact distance on adversarial inputs against float64, eagerly and under jit."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*CASES)
+    def test_meets_the_written_error_bound(self, case):
+        """Each entry within (K gamma_{D+3} + 2u) d of the float64 distance (float32 inputs)."""
+        f, p = _adversarial_pairs(0)[case]
+        ref = np_distance(f, p)
+        u = np.finfo(np.float32).eps / 2
+        n = f.shape[1] + 3
+        bound = (distances.CANCELLATION_LIMIT * n * u / (1 - n * u) + 2 * u) * ref
+        exact = np.asarray(self.variant(pairwise_distance)(f, p), np.float64)
+        assert np.all(np.abs(exact - ref) <= bound), np.max(
+            np.abs(exact - ref) / np.maximum(ref, 1e-30)
+        )
+        np.testing.assert_array_equal(exact[ref == 0], 0.0)
+        matmul_fn = functools.partial(pairwise_distance, method="matmul")
+        matmul = np.asarray(self.variant(matmul_fn)(f, p), np.float64)
+        if case == "norms":  # no cancellation: the matrix-product form alone meets the bound too
+            assert np.all(np.abs(matmul - ref) <= bound)
+        else:  # the inputs are adversarial: the matrix-product form alone does not
+            assert np.any(np.abs(matmul - ref) > bound)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_float64_near_duplicates(self):
+        with jax.enable_x64(True):
+            for case, (f, p) in _adversarial_pairs(1).items():
+                f, p = f.astype(np.float64), p.astype(np.float64)
+                out = self.variant(pairwise_distance)(f, p)
+                assert out.dtype == jnp.float64
+                np.testing.assert_allclose(out, np_distance(f, p), rtol=1e-10, atol=0, err_msg=case)
 
 
 def test_exact_distance_under_vmap_and_with_one_class():
