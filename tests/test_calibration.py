@@ -1,8 +1,14 @@
-"""Tests of temperature calibration against an independent NumPy ECE."""
+"""Tests of temperature calibration against an independent NumPy ECE.
 
+The reference checks run in chex variants: eagerly and under ``jit`` (the ECE reduces over the
+batch: no ``pmap`` variant).
+"""
+
+import chex
 import jax
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from isomax_jax.calibration import calibrate_temperature, expected_calibration_error
 
@@ -29,14 +35,18 @@ def _overconfident(seed, n=400, c=10, scale=6.0):
     return logits.astype(np.float32), labels
 
 
-@pytest.mark.parametrize("temperature", [0.3, 1.0, 7.0])
-def test_ece_matches_numpy(temperature):
-    logits, labels = _overconfident(0)
-    out = jax.jit(expected_calibration_error)(logits, labels, temperature=temperature)
-    np.testing.assert_allclose(out, np_ece(logits, labels, temperature), rtol=1e-5, atol=1e-6)
-    with jax.enable_x64(True):
-        out = expected_calibration_error(logits.astype(np.float64), labels, temperature=temperature)
-        np.testing.assert_allclose(out, np_ece(logits, labels, temperature), rtol=1e-10)
+class EceMatchesNumpyTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(("t_0_3", 0.3), ("t_1", 1.0), ("t_7", 7.0))
+    def test_float32_and_float64(self, temperature):
+        logits, labels = _overconfident(0)
+        # The temperature is traced under jit, concrete without jit.
+        ece = self.variant(expected_calibration_error)
+        out = ece(logits, labels, temperature=temperature)
+        np.testing.assert_allclose(out, np_ece(logits, labels, temperature), rtol=1e-5, atol=1e-6)
+        with jax.enable_x64(True):
+            out = ece(logits.astype(np.float64), labels, temperature=temperature)
+            np.testing.assert_allclose(out, np_ece(logits, labels, temperature), rtol=1e-10)
 
 
 def test_calibration_reduces_ece_and_is_grid_optimal():
