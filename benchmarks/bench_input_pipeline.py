@@ -12,7 +12,7 @@ Runs, interleaved round by round in one process, the experiments' training loop
 If input never stalls, the two step times are equal within the noise (the spread over rounds
 is printed). It also prints the pipeline's own rate (host batches/s without any step) to show
 the margin. Data: the offline CIFAR-10 (``--data_dir``), or generated images
-(``tfds.testing.mock_data``) when it is absent.
+(``isomax_jax.data.testing.mock_data``) when it is absent.
 
 Run:  python benchmarks/bench_input_pipeline.py [--devices 8] [--rounds 5] [--steps 20]
 """
@@ -43,12 +43,12 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     import jax
-    import tensorflow_datasets as tfds
 
     from isomax_jax import data, models, parallel, train
+    from isomax_jax.data import testing
 
     mocked = not pathlib.Path(args.data_dir).is_dir()
-    context = tfds.testing.mock_data(num_examples=2048) if mocked else contextlib.nullcontext()
+    context = testing.mock_data(num_examples=2048) if mocked else contextlib.nullcontext()
     data_dir = None if mocked else args.data_dir
     model = models.get_model(args.model, num_classes=10, head="isomax")
     mesh = parallel.data_mesh()

@@ -93,7 +93,8 @@ def expected_calibration_error(
     """
     temperature = validation.check_temperature(temperature)
     logits, labels = _check(logits, labels, num_bins)
-    ece = _ece(logits, labels, temperature.astype(logits.dtype), num_bins)
+    temperature = jnp.asarray(temperature, logits.dtype)
+    ece = _ece(logits, labels, temperature, num_bins)
     if validation.is_concrete(logits, labels, temperature):
         return ece
     # A traced bad temperature is NaN here (check_temperature): the binning would hide it.

@@ -303,7 +303,7 @@ def isomax_logits(
     """
     temperature = validation.check_temperature(temperature)
     distance = pairwise_distance(features, prototypes, method=method)
-    return -distance / temperature.astype(distance.dtype)
+    return -distance / jnp.asarray(temperature, distance.dtype)
 
 
 def _scaled_normalized_distance(features, prototypes, distance_scale, method, divisor=None):
@@ -349,7 +349,7 @@ def isomax_plus_logits(
     """
     temperature = validation.check_temperature(temperature)
     distance = _scaled_normalized_distance(features, prototypes, distance_scale, method)
-    return -distance / temperature.astype(distance.dtype)
+    return -distance / jnp.asarray(temperature, distance.dtype)
 
 
 def dismax_logits(
@@ -386,4 +386,4 @@ def dismax_logits(
         features, prototypes, distance_scale, method, divisor=math.sqrt(2.0)
     )
     logits = -(distance + jnp.mean(distance, axis=1, keepdims=True))
-    return logits / temperature.astype(logits.dtype)
+    return logits / jnp.asarray(temperature, logits.dtype)

@@ -191,4 +191,5 @@ class SoftMaxHead(_Head):
         shape = (features.shape[-1], self.num_classes)
         kernel = self._param_of_width("kernel", features, shape, _uniform_fan_in)
         bias = self.param("bias", nn.initializers.zeros, (self.num_classes,), self.param_dtype)
-        return (features @ kernel + bias[None, :]) / temperature
+        logits = features @ kernel + bias[None, :]
+        return logits / jnp.asarray(temperature, logits.dtype)

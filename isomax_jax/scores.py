@@ -173,5 +173,5 @@ def energy(logits: jax.typing.ArrayLike, *, temperature: float = 1.0) -> jax.Arr
     """
     temperature = validation.check_temperature(temperature)
     logits = _logits(logits, score="energy")
-    temperature = temperature.astype(logits.dtype)
+    temperature = jnp.asarray(temperature, logits.dtype)
     return temperature * jax.nn.logsumexp(logits / temperature, axis=1)

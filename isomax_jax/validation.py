@@ -136,22 +136,20 @@ def check_positive_scalar(name: str, value) -> None:
             raise ValueError(f"`{name}` must be a finite number > 0; got {number!r}.")
 
 
-def check_temperature(temperature, dtype=None, *, name: str = "temperature") -> jax.Array:
-    """The one temperature check of the library; returns the temperature as a scalar array.
-
-    ``dtype`` (default: the value's own, weakly typed for a Python number, so that dividing
-    float32 or float64 logits by it keeps their dtype).
+def check_temperature(temperature, *, name: str = "temperature"):
+    """The one temperature check of the library; returns the temperature to compute with.
 
     Every function and module that takes a temperature (the logit maps of
     :mod:`isomax_jax.distances`, the heads, :func:`isomax_jax.scores.energy`, the energy and
     ODIN detectors, calibration) calls this. **Eager** (a Python number or a concrete array): a
-    temperature that is not a finite number ``> 0`` raises ``ValueError``. **Traced** (an
-    argument of a jitted function): it cannot raise, so a bad value is replaced by NaN, and every
-    logit or score computed with it is NaN, never a sign-flipped or infinite number.
+    temperature that is not a finite number ``> 0`` raises ``ValueError``; a valid one is
+    returned as it is (no array is made: a hyperparameter check does not start XLA). **Traced**
+    (an argument of a jitted function): it cannot raise, so a bad value is replaced by NaN, and
+    every logit or score computed with it is NaN, never a sign-flipped or infinite number.
 
     Example:
       >>> check_temperature(2.0)
-      Array(2., dtype=float32, weak_type=True)
+      2.0
       >>> jax.jit(check_temperature)(-1.0)
       Array(nan, dtype=float32, weak_type=True)
       >>> check_temperature(-1.0)
@@ -160,10 +158,9 @@ def check_temperature(temperature, dtype=None, *, name: str = "temperature") -> 
       ValueError: `temperature` must be a finite number > 0; got -1.0.
     """
     check_positive_scalar(name, temperature)
-    value = jnp.asarray(temperature, dtype)
     if is_concrete(temperature):
-        return value
-    return jnp.where(jnp.isfinite(value) & (value > 0), value, jnp.nan)
+        return temperature
+    return jnp.where(jnp.isfinite(temperature) & (temperature > 0), temperature, jnp.nan)
 
 
 def check_int(name: str, value, *, minimum: int = 1, allow_none: bool = False) -> None:

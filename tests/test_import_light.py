@@ -6,7 +6,8 @@ import sys
 CORE = [
     "distances", "losses", "heads", "nnx", "scores", "calibration", "validation", "detectors",
     "registry", "metrics", "thresholds", "tables", "train", "parallel", "models",
-    "checkpointing", "distributed", "torch_import", "detector_format",
+    "checkpointing", "distributed", "torch_import", "detector_format", "run_metadata", "locking",
+    "fingerprints",
 ]  # fmt: skip
 
 
@@ -42,3 +43,19 @@ def test_subpackages_are_attributes_without_heavy_imports():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert result.stdout.strip() == "", f"heavy modules imported: {result.stdout.strip()}"
+
+
+def test_import_does_not_start_xla():
+    """XLA reads its flags once, and jax.distributed.initialize() must come before any backend:
+    importing the library (and building its detectors' defaults) must not start one."""
+    code = (
+        "from jax._src import xla_bridge\n"
+        "import isomax_jax, isomax_jax.models, isomax_jax.nnx, isomax_jax.train\n"
+        "from isomax_jax import detectors\n"
+        "[detectors.get(n) for n in detectors.NAMES]\n"
+        "print(bool(xla_bridge._backends))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "False", result.stdout + result.stderr
