@@ -5,6 +5,7 @@ Each detector: its scores against a NumPy reference (float64 at ``rtol=1e-10``, 
 that round-trips through a checkpoint; and every bad input the API promises to reject.
 """
 
+import chex
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -755,3 +756,106 @@ def test_rough_edges_of_detector_arguments():
         detectors.get("energy").score({}, logits=pair)
     with pytest.raises(TypeError, match=r"`features` must be one array; got a tuple of 2"):
         detectors.get("knn", k=5).fit(features=pair)
+
+
+# -- streamed fitting ----------------------------------------------------------------------------
+
+
+def _batches(data, sizes, keys=("features", "labels", "logits")):
+    """The training rows of `data` in batches of the given (uneven) sizes."""
+    bounds = np.cumsum((0, *sizes))
+    assert bounds[-1] == N
+    return [{k: data[k][a:b] for k in keys} for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+FITTED = [n for n in sorted(REFERENCES) if detectors.get(n, **HPARAMS.get(n, {})).fit_inputs]
+
+
+@pytest.mark.parametrize("name", FITTED)
+def test_fit_from_equals_fit(name):
+    """Issue 17.1: a generator (spooled where two passes are needed) and a list of uneven
+    batches give the state `fit` gives on all rows: scores equal to float32 precision
+    (float64 statistics summed in another order), KNN's and ReAct's exactly."""
+    data = make_data(seed=2, dtype=np.float32)
+    det, state, inputs = _fit_score(name, data)
+    head = dict(kernel=data["kernel"], bias=data["bias"], head_fn=inputs["head_fn"])
+    want = det.score(state, **inputs)
+    for sizes in ((1, 50, 2, 67), (N,), (7,) * 17 + (1,)):
+        batches = _batches(data, sizes)
+        for source in (batches, (b for b in batches)):
+            got_state = det.fit_from(source, **head)
+            assert set(got_state) == set(state)
+            got = det.score(got_state, **inputs)
+            if name in ("knn", "react"):
+                chex.assert_trees_all_equal(got_state, state)
+            else:
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_react_fit_from_is_numpys_percentile_in_float64(x64):
+    rng = np.random.default_rng(4)
+    x = np.maximum(rng.normal(size=(300, 7)), 0)  # ties at 0, as ReLU activations
+    x[5, 3] = -0.0
+    for q in (0.0, 12.5, 50.0, 90.0, 99.9, 100.0):
+        det = detectors.get("react", percentile=q)
+        batches = ({"features": x[i : i + 41]} for i in range(0, 300, 41))
+        got = det.fit_from(batches)["threshold"]
+        assert got.dtype == jnp.float64 and float(got) == np.percentile(x, q), q
+
+
+def test_fit_from_memory_stays_far_below_the_data():
+    """Mahalanobis from a generator of 400 MiB of float32 features: peak traced host memory is
+    one batch and the statistics, not the data."""
+    import tracemalloc
+
+    dim, rows, classes = 512, 4096, 10
+    num_batches = 400 * 2**20 // (rows * dim * 4)  # 50 batches of 8 MiB: 400 MiB in all
+
+    def batches():
+        rng = np.random.default_rng(0)
+        for _ in range(num_batches):
+            yield {
+                "features": rng.standard_normal((rows, dim), np.float32),
+                "labels": rng.integers(0, classes, rows),
+            }
+
+    tracemalloc.start()
+    try:
+        state = detectors.get("mahalanobis").fit_from(batches())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert state["means"].shape == (classes, dim)
+    assert peak < 64 * 2**20, f"peak {peak / 2**20:.0f} MiB for 400 MiB of features"
+
+
+def test_fit_from_bad_batches():
+    data = make_data(dtype=np.float32)
+    det = detectors.get("mahalanobis")
+    with pytest.raises(ValueError, match="needs `labels` in every batch"):
+        det.fit_from([{"features": data["features"]}])
+    with pytest.raises(ValueError, match="got no batches"):
+        det.fit_from(iter([]))
+    with pytest.raises(TypeError, match="batches that are dicts"):
+        det.fit_from([data["features"]])
+    bad = data["features"][:10].copy()
+    bad[2, 1] = np.inf
+    with pytest.raises(ValueError, match=r"`features` must be finite; got 1"):
+        det.fit_from([{"features": bad, "labels": data["labels"][:10]}])
+    with pytest.raises(ValueError, match="has 7 columns; the batches before had 8"):
+        det.fit_from(
+            [
+                {"features": data["features"][:10], "labels": data["labels"][:10]},
+                {"features": data["features"][10:20, :7], "labels": data["labels"][10:20]},
+            ]
+        )
+    with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 3\)"):
+        detectors.get("mahalanobis", num_classes=3).fit_from(_batches(data, (N,)))
+    with pytest.raises(ValueError, match="class\\(es\\) \\[2\\] have no training example"):
+        keep = data["labels"] != 2
+        detectors.get("mahalanobis", num_classes=4).fit_from(
+            [{"features": data["features"][keep], "labels": data["labels"][keep]}]
+        )
+    with pytest.raises(ValueError, match="`vim.fit_from` needs `kernel`"):
+        detectors.get("vim").fit_from(_batches(data, (N,)))
+    assert detectors.get("energy").fit_from(iter([])) == {}  # nothing to fit: nothing read

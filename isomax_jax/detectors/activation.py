@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from isomax_jax import scores, validation
-from isomax_jax.detectors import chunked
+from isomax_jax.detectors import chunked, streaming
 from isomax_jax.detectors.base import Detector, as_matrix
 
 
@@ -68,9 +68,88 @@ class ReAct(Detector):
         validation.check_finite("features", x)
         return {"threshold": chunked.percentile(x, float(self.percentile), chunk=self.chunk)}
 
+    def accumulator(self, **head):
+        return _PercentileAccumulator(float(self.percentile))
+
     def _score(self, state, head_fn, *, features):
         clipped = jnp.minimum(features, state["threshold"].astype(features.dtype))
         return scores.energy(_head_logits(head_fn, clipped))
+
+
+class _PercentileAccumulator(streaming.Accumulator):
+    """The exact ``numpy.percentile`` (linear) of every entry of a stream of ``[n, D]`` features:
+    a radix selection of the two order statistics, one 16-bit digit of the order-preserving keys
+    per pass over the data (2 passes for float32, 4 for float64), in ``2 x 65536`` counters."""
+
+    inputs = frozenset({"features"})
+    passes = 2  # 4 once float64 features are seen
+
+    def __init__(self, q: float):
+        self.q = q
+        self.n = 0
+        self.dtype = self.bits = None
+        self.targets: list[list[int]] = []  # per order statistic: [prefix, remaining rank]
+        self.hist: list[np.ndarray] = []
+        self.resolved = 0  # digits resolved so far
+
+    def _keys(self, rows: np.ndarray) -> np.ndarray:
+        utype = np.dtype(f"uint{self.bits}")
+        raw = np.ascontiguousarray(rows.astype(self.dtype, copy=False)).view(utype).ravel()
+        top = utype.type(1) << utype.type(self.bits - 1)
+        return np.where((raw & top) != 0, ~raw, raw | top)
+
+    def update(self, batch, pass_index):
+        rows = batch["features"]
+        if self.dtype is None:
+            self.dtype = streaming.state_dtype(rows.dtype)
+            self.bits = self.dtype.itemsize * 8
+            self.passes = self.bits // 16
+        if pass_index > self.resolved:
+            self._resolve()
+        keys = self._keys(rows)
+        shift = self.bits - 16 * (pass_index + 1)
+        digits = ((keys >> np.uint64(shift)) & 0xFFFF).astype(np.int64)
+        if pass_index == 0:
+            self.n += keys.size
+            if not self.hist:
+                self.hist = [np.zeros(1 << 16, np.int64)]
+            self.hist[0] += np.bincount(digits, minlength=1 << 16)
+            return
+        higher = keys >> np.uint64(shift + 16)
+        for target, hist in zip(self.targets, self.hist, strict=True):
+            hist += np.bincount(digits[higher == target[0]], minlength=1 << 16)
+
+    def _resolve(self) -> None:
+        """Fixes the next digit of each order statistic from the last pass's histograms."""
+        if self.resolved == 0:  # ranks, as numpy.percentile: (n - 1) q / 100
+            index = (self.n - 1) * (np.float64(self.q) / 100.0)
+            self.low, self.t = int(np.floor(index)), float(index - np.floor(index))
+            ranks = (self.low, min(self.low + 1, self.n - 1))
+            self.targets = [[0, r] for r in ranks]
+            self.hist = [self.hist[0], self.hist[0]]
+        for target, hist in zip(self.targets, self.hist, strict=True):
+            cumulative = np.cumsum(hist)
+            digit = int(np.searchsorted(cumulative, target[1], side="right"))
+            target[1] -= int(cumulative[digit - 1]) if digit else 0
+            target[0] = (target[0] << 16) | digit
+        self.resolved += 1
+        self.hist = [np.zeros(1 << 16, np.int64) for _ in self.targets]
+
+    def _value(self, key: int):
+        utype = np.dtype(f"uint{self.bits}")
+        key = utype.type(key)
+        top = utype.type(1) << utype.type(self.bits - 1)
+        raw = key ^ top if key & top else ~key
+        return np.asarray(raw, utype).view(self.dtype)
+
+    def finalize(self):
+        if self.n == 0:
+            raise ValueError("`react.fit_from` got no features.")
+        self._resolve()  # the last pass's digit
+        a, b = (jnp.asarray(self._value(t[0]), self.dtype) for t in self.targets)
+        diff = b - a
+        threshold = jnp.where(self.t >= 0.5, b - diff * (1.0 - self.t), a + diff * self.t)
+        return {"threshold": threshold}
 
 
 def ash_s(features: jax.Array, percentile: float) -> jax.Array:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import chex
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from isomax_jax import registry, validation
+from isomax_jax.detectors import streaming
 
 HEADS = registry.HEAD_NAMES
 """The classification heads :meth:`Detector.applies_to` knows about (:data:`registry.HEADS`)."""
@@ -187,6 +188,47 @@ class Detector:
         if not validation.is_concrete(features, logits, labels, kernel, bias):
             raise TypeError(f"`{self.name}.fit` needs concrete arrays; call it outside jax.jit.")
         return self._fit(**given)
+
+    def fit_from(
+        self,
+        batches: Iterable[Mapping[str, Any]],
+        *,
+        kernel: jax.typing.ArrayLike | None = None,
+        bias: jax.typing.ArrayLike | None = None,
+        head_fn: Callable | None = None,
+    ) -> State:
+        """Fits the detector from batches of training data, consumed once (streamed fitting).
+
+        Args:
+          batches: an iterable (a generator, a ``tfds.as_numpy`` dataset, a list) of dicts with
+            the per-example inputs of :meth:`fit` (``features [n, D]``, ``labels [n]``,
+            ``logits [n, C]``) in chunks of any size.
+          kernel, bias, head_fn: the fixed inputs of :meth:`fit`.
+
+        Returns:
+          The state :meth:`fit` gives on all the rows (to float32 precision for Mahalanobis, RMD
+          and ViM, whose statistics accumulate in float64; exactly for KNN and ReAct). Memory is
+          ``O(state)`` (one batch at a time), except KNN, whose state is the data; ViM and ReAct
+          read the data twice (a list twice, anything else through a disk spool:
+          :mod:`isomax_jax.detectors.streaming`). Without ``num_classes``, Mahalanobis and RMD
+          take ``max(label) + 1`` classes.
+
+        Raises:
+          ValueError, TypeError: as :meth:`fit`, for the first bad batch.
+        """
+        if not self.fit_inputs:
+            return {}
+        head = dict(kernel=kernel, bias=bias, head_fn=head_fn)
+        self._require(self.fit_inputs - frozenset(streaming.BATCH_INPUTS), head, "fit_from")
+        accumulator = self.accumulator(**head)
+        streaming.drive([accumulator], batches, self.name)
+        return accumulator.finalize()
+
+    def accumulator(self, *, kernel=None, bias=None, head_fn=None) -> streaming.Accumulator:
+        """The streamed fit of this detector (:mod:`isomax_jax.detectors.streaming`); by
+        default the batches are kept and :meth:`fit` runs on their concatenation."""
+        inputs = self.fit_inputs & frozenset(streaming.BATCH_INPUTS)
+        return streaming.Collect(self, inputs, dict(kernel=kernel, bias=bias, head_fn=head_fn))
 
     def score(
         self,

@@ -17,9 +17,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from isomax_jax import validation
-from isomax_jax.detectors import gaussian
+from isomax_jax.detectors import gaussian, streaming
 from isomax_jax.detectors.base import (
     Detector,
     as_matrix,
@@ -39,18 +40,62 @@ def _check_common(detector) -> None:
     validation.check_int("chunk", detector.chunk)
 
 
-def _fit_moments(detector, features, labels, logits) -> tuple[gaussian.ClassMoments, jnp.dtype]:
+class _GaussianAccumulator(streaming.Accumulator):
+    """Float64 class moments of a stream of (features, labels); one pass, O(C D + D^2)."""
+
+    inputs = frozenset({"features", "labels"})
+
+    def __init__(self, detector, num_classes: int | None, background: bool):
+        self.detector, self.num_classes, self.background = detector, num_classes, background
+        self.moments = gaussian.ClassMoments(num_classes)
+        self.width = self.dtype = None
+
+    def update(self, batch, pass_index):
+        x, y = batch["features"], batch["labels"]
+        if self.width is None:
+            self.width, self.dtype = x.shape[1], streaming.state_dtype(x.dtype)
+        elif x.shape[1] != self.width:
+            raise ValueError(
+                f"`features` of a batch has {x.shape[1]} columns; the batches before had "
+                f"{self.width}."
+            )
+        if self.num_classes is not None:
+            validation.validate_labels(y, self.num_classes)
+        elif y.size and y.min() < 0:
+            raise ValueError(f"`labels` must be >= 0; got {int(y.min())}.")
+        if y.size:
+            self.moments.update(x, y)
+
+    def finalize(self):
+        counts = self.moments.counts
+        missing = np.flatnonzero(counts == 0)
+        if self.moments.shift is None or missing.size:
+            raise ValueError(
+                f"`labels` cover {len(counts) - missing.size} of {len(counts)} classes; class(es) "
+                f"{missing[:10].tolist()} have no training example, so their mean is undefined."
+            )
+        detector, moments, dtype = self.detector, self.moments, self.dtype
+        white = gaussian.whitening(moments.within_class_covariance(), ridge=detector.ridge,
+                                   dtype=dtype)  # fmt: skip
+        state = gaussian.gaussian_state(moments.class_means(), white, dtype)
+        if self.background:
+            white0 = gaussian.whitening(moments.covariance(), ridge=detector.ridge, dtype=dtype)
+            state["background_mean"] = jnp.asarray(moments.mean(), dtype)
+            state["background_whitening"] = jnp.asarray(white0, dtype)
+        return state
+
+
+def _fit(detector, features, labels, logits, *, background: bool) -> dict[str, jax.Array]:
+    """``fit``: the streamed fit over ``chunk``-row views of the checked arrays."""
     x = as_matrix("features", features, "[N, D]")
     validation.check_finite("features", x)
     if logits is not None:
         validation.check_finite("logits", jnp.asarray(logits))
     y, num_classes = check_labels(labels, x.shape[0], detector.num_classes, logits)
-    return gaussian.moments_of(x, y, num_classes=num_classes, chunk=detector.chunk), x.dtype
-
-
-def _class_state(detector, moments: gaussian.ClassMoments, dtype) -> dict[str, jax.Array]:
-    white = gaussian.whitening(moments.within_class_covariance(), ridge=detector.ridge, dtype=dtype)
-    return gaussian.gaussian_state(moments.class_means(), white, dtype)
+    accumulator = _GaussianAccumulator(detector, num_classes, background)
+    chunks = streaming.row_chunks({"features": x, "labels": y}, detector.chunk)
+    streaming.drive([accumulator], chunks, detector.name)
+    return accumulator.finalize()
 
 
 def _needed(features):
@@ -106,8 +151,10 @@ class Mahalanobis(Detector):
         return self.eps > 0
 
     def _fit(self, *, features, labels, logits, **_):
-        moments, dtype = _fit_moments(self, features, labels, logits)
-        return _class_state(self, moments, dtype)
+        return _fit(self, features, labels, logits, background=False)
+
+    def accumulator(self, **head):
+        return _GaussianAccumulator(self, self.num_classes, background=False)
 
     def _prepare(self, state, *, features):
         x = as_matrix("features", features, "[batch, features]")
@@ -167,13 +214,10 @@ class RelativeMahalanobis(Detector):
         _check_common(self)
 
     def _fit(self, *, features, labels, logits, **_):
-        moments, dtype = _fit_moments(self, features, labels, logits)
-        white0 = gaussian.whitening(moments.covariance(), ridge=self.ridge, dtype=dtype)
-        return {
-            **_class_state(self, moments, dtype),
-            "background_mean": jnp.asarray(moments.mean(), dtype),
-            "background_whitening": jnp.asarray(white0, dtype),
-        }
+        return _fit(self, features, labels, logits, background=True)
+
+    def accumulator(self, **head):
+        return _GaussianAccumulator(self, self.num_classes, background=True)
 
     _prepare = Mahalanobis._prepare
 

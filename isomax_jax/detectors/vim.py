@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from isomax_jax import scores, validation
-from isomax_jax.detectors import gaussian
+from isomax_jax.detectors import gaussian, streaming
 from isomax_jax.detectors.base import Detector, as_matrix, check_width
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -86,39 +86,12 @@ class ViM(Detector):
     def _fit(self, *, features, kernel, bias, **_):
         x = as_matrix("features", features, "[N, D]")
         validation.check_finite("features", x)
-        n, dim_features = x.shape
-        kernel, bias = _linear_head(kernel, bias, dim_features)
-        validation.check_finite("kernel", kernel)
-        validation.check_finite("bias", bias)
-        dim = principal_dim(dim_features) if self.dim is None else self.dim
-        if not 1 <= dim < dim_features:
-            raise ValueError(
-                f"`dim`={dim} must be in [1, D) for features of width D = {dim_features}."
-            )
-        # Float64 on the host, chunk by chunk (as the Gaussian detectors): the null space is
-        # spanned by the smallest eigenvalues, which a float32 fit resolves poorly.
-        k64, b64 = np.asarray(kernel, np.float64), np.asarray(bias, np.float64)
-        origin = -(np.linalg.pinv(k64.T) @ b64)
-        moments = gaussian.moments_of(x, np.zeros(n, np.int64), num_classes=1, chunk=self.chunk)
-        offset = moments.mean() - origin  # scatter about the origin = covariance + offset^2
-        _, vectors = np.linalg.eigh(moments.covariance() + np.outer(offset, offset))
-        null_space = vectors[:, : dim_features - dim]  # eigenvalues ascend
-        max_logit = residual = 0.0
-        for start in range(0, n, self.chunk):
-            rows = np.asarray(x[start : start + self.chunk], np.float64)
-            max_logit += float(np.sum(np.max(rows @ k64 + b64[None, :], axis=1)))
-            residual += float(np.sum(np.linalg.norm((rows - origin) @ null_space, axis=1)))
-        if not residual > 0:
-            raise ValueError(
-                "`features` have no residual outside the principal space (all training features "
-                "lie in it), so ViM's alpha is undefined; use a smaller `dim`."
-            )
-        cast = functools.partial(jnp.asarray, dtype=x.dtype)
-        return {
-            "origin": cast(origin),
-            "null_space": cast(null_space),
-            "alpha": cast(max_logit / residual),
-        }
+        accumulator = self.accumulator(kernel=kernel, bias=bias)
+        streaming.drive([accumulator], streaming.row_chunks({"features": x}, self.chunk), "vim")
+        return accumulator.finalize()
+
+    def accumulator(self, *, kernel=None, bias=None, **_):
+        return _ViMAccumulator(self, kernel, bias)
 
     def _prepare(self, state, *, features, kernel, bias):
         x = as_matrix("features", features, "[batch, features]")
@@ -133,6 +106,70 @@ class ViM(Detector):
         )
         virtual = state["alpha"] * jnp.sqrt(jnp.sum(residual * residual, axis=1))
         return scores.energy(logits) - virtual
+
+
+class _ViMAccumulator(streaming.Accumulator):
+    """Two passes in float64 on the host (the null space is spanned by the smallest eigenvalues,
+    which a float32 fit resolves poorly): the moments about the mean, then ``alpha``'s sums."""
+
+    passes = 2
+    inputs = frozenset({"features"})
+
+    def __init__(self, detector: ViM, kernel, bias):
+        self.detector = detector
+        self.kernel = as_matrix("kernel", kernel, "[features, num_classes]")
+        validation.check_finite("kernel", self.kernel)
+        validation.check_finite("bias", jnp.asarray(bias))
+        self.bias = bias
+        self.moments = gaussian.ClassMoments(num_classes=1)
+        self.null_space = None
+        self.max_logit = self.residual = 0.0
+        self.dtype = None
+
+    def update(self, batch, pass_index):
+        rows = batch["features"]
+        if pass_index == 0:
+            if self.dtype is None:
+                kernel, bias = _linear_head(self.kernel, self.bias, rows.shape[1])
+                self.k64, self.b64 = np.float64(kernel), np.float64(bias)
+                self.origin = -(np.linalg.pinv(self.k64.T) @ self.b64)
+                self.dtype = streaming.state_dtype(rows.dtype)
+                self.dim = self._principal_dim(rows.shape[1])
+            elif rows.shape[1] != self.origin.shape[0]:
+                raise ValueError(
+                    f"`features` of a batch has {rows.shape[1]} columns; the batches before had "
+                    f"{self.origin.shape[0]}."
+                )
+            self.moments.update(rows, np.zeros(rows.shape[0], np.int64))
+            return
+        if self.null_space is None:  # the first batch of the second pass
+            offset = self.moments.mean() - self.origin  # about the origin: covariance + offset^2
+            _, vectors = np.linalg.eigh(self.moments.covariance() + np.outer(offset, offset))
+            self.null_space = vectors[:, : len(offset) - self.dim]  # eigenvalues ascend
+        rows = np.asarray(rows, np.float64)
+        self.max_logit += float(np.sum(np.max(rows @ self.k64 + self.b64[None, :], axis=1)))
+        self.residual += float(
+            np.sum(np.linalg.norm((rows - self.origin) @ self.null_space, axis=1))
+        )
+
+    def _principal_dim(self, width: int) -> int:
+        dim = principal_dim(width) if self.detector.dim is None else self.detector.dim
+        if not 1 <= dim < width:
+            raise ValueError(f"`dim`={dim} must be in [1, D) for features of width D = {width}.")
+        return dim
+
+    def finalize(self):
+        if not self.residual > 0:
+            raise ValueError(
+                "`features` have no residual outside the principal space (all training features "
+                "lie in it), so ViM's alpha is undefined; use a smaller `dim`."
+            )
+        cast = functools.partial(jnp.asarray, dtype=self.dtype)
+        return {
+            "origin": cast(self.origin),
+            "null_space": cast(self.null_space),
+            "alpha": cast(self.max_logit / self.residual),
+        }
 
 
 DETECTORS = (ViM,)
