@@ -44,7 +44,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from isomax_jax.detectors import activation, feature, knn, logit, perturbation, vim
+from isomax_jax.detectors import (
+    activation,
+    feature,
+    knn,
+    logit,
+    patterns,
+    perturbation,
+    vim,
+    weights,
+)
 from isomax_jax.detectors.base import HEADS as HEADS
 from isomax_jax.detectors.base import INPUT_NAMES as INPUT_NAMES
 from isomax_jax.detectors.base import Detector as Detector
@@ -56,6 +65,8 @@ _CLASSES = (
     + knn.DETECTORS
     + vim.DETECTORS
     + activation.DETECTORS
+    + weights.DETECTORS
+    + patterns.DETECTORS
 )
 _REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in _CLASSES}
 
