@@ -175,7 +175,7 @@ def test_names_titles_inputs():
     for name in detectors.NAMES:
         det = detectors.get(name)
         assert det.inputs <= set(detectors.INPUT_NAMES), name
-        assert det.__doc__ and any(str(y) in det.__doc__ for y in range(2017, 2024)), name
+        assert det.__doc__ and any(str(y) in det.__doc__ for y in range(2017, 2027)), name
     assert detectors.get("odin").needs_images and not detectors.get("mahalanobis").needs_images
     assert detectors.get("mahalanobis", eps=0.001).needs_images
 
