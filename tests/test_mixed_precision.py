@@ -8,6 +8,7 @@ models, which ``benchmarks/device_check.py --only precision`` checks at full siz
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,7 +104,7 @@ def test_bfloat16_dtypes_of_computation_and_state():
     model = get_model("small_resnet", num_classes=10, head="softmax", dtype=jnp.bfloat16)
     images = jnp.zeros((2, 16, 16, 3))
     variables = jax.eval_shape(model.init, jax.random.key(0), images)
-    assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    chex.assert_type(jax.tree.leaves(variables), jnp.float32)
 
     def forward(variables, images):
         return model.apply(
@@ -112,7 +113,7 @@ def test_bfloat16_dtypes_of_computation_and_state():
 
     (logits, features), updates = jax.eval_shape(forward, variables, images)
     assert logits.dtype == features.dtype == jnp.float32
-    assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
+    chex.assert_type(jax.tree.leaves(updates), jnp.float32)
     jaxpr = jax.make_jaxpr(forward)(variables, images).jaxpr
     convs = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
     dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]

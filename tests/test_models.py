@@ -5,6 +5,7 @@ Big models are only traced abstractly (``jax.eval_shape``); real forwards use ``
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -215,7 +216,6 @@ def test_pmap_batch_norm_axis_name_gives_global_batch_statistics(backbone):
     )
     parts, got = pmapped(images.reshape(8, 2, 8, 8, 3))
     np.testing.assert_allclose(parts.reshape(whole.shape), whole, rtol=1e-4, atol=1e-5)
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(x[0], y, rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], got), want, rtol=1e-4, atol=1e-6)
     model = get_model("small_resnet", num_classes=10, head="isomax", bn_axis_name="batch")
     assert model.backbone.bn_axis_name == "batch"

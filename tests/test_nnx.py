@@ -1,5 +1,6 @@
 """Tests of the Flax NNX heads: same parameters and outputs as the Linen heads."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,9 +24,7 @@ def test_same_params_and_outputs_as_linen(name, key):
     head = nnx_cls(8, 3, temperature=2.0, rngs=nnx.Rngs(0))
     params = nnx.state(head, nnx.Param)
     linen_params = linen_cls(3).init(key, jnp.ones((1, 8)))["params"]
-    assert jax.tree.map(jnp.shape, nnx.to_pure_dict(params)) == jax.tree.map(
-        jnp.shape, linen_params
-    )
+    chex.assert_trees_all_equal_shapes(nnx.to_pure_dict(params), linen_params)
     if name != "isomax":
         np.testing.assert_array_equal(head.distance_scale[...], [1.0])
         head.prototypes[...] = jax.random.normal(jax.random.key(4), (3, 8))
@@ -61,7 +60,7 @@ def test_nnx_training_step_is_finite_and_decreases_loss(name, key):
         return loss, grads
 
     first, grads = step(model, optimizer)
-    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    chex.assert_tree_all_finite(grads)
     for _ in range(15):
         last, _ = step(model, optimizer)
     assert last < first

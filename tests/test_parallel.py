@@ -1,9 +1,10 @@
 """jit+sharding and pmap data parallelism equal the one-device run; the step compiles once."""
 
+import chex
 import jax
 import numpy as np
 import pytest
-from train_worker import flat_params, init_state, make_batch
+from train_worker import init_state, make_batch
 
 from isomax_jax import parallel, train
 
@@ -21,16 +22,8 @@ def _one_device_run():
 
 
 def _assert_states_close(a, b):
-    fa, fb = flat_params(a.params), flat_params(b.params)
-    assert fa.keys() == fb.keys()
-    for name in fa:
-        np.testing.assert_allclose(fa[name], fb[name], rtol=RTOL, atol=ATOL, err_msg=name)
-    for x, y in zip(
-        jax.tree.leaves(jax.device_get(a.batch_stats)),
-        jax.tree.leaves(jax.device_get(b.batch_stats)),
-        strict=True,
-    ):
-        np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL)
+    chex.assert_trees_all_close(a.params, b.params, rtol=RTOL, atol=ATOL)
+    chex.assert_trees_all_close(a.batch_stats, b.batch_stats, rtol=RTOL, atol=ATOL)
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +86,8 @@ def test_padded_eval_matches_across_paths(reference):
     )
     pmapped = parallel.pmap_eval_step()(parallel.replicate(state), parallel.split_for_pmap(batch))
     assert float(expected["count"]) == 11.0
-    for name in expected:
-        np.testing.assert_allclose(sharded[name], expected[name], rtol=RTOL, err_msg=name)
-        np.testing.assert_allclose(pmapped[name][0], expected[name], rtol=RTOL, err_msg=name)
+    chex.assert_trees_all_close(sharded, expected, rtol=RTOL)
+    chex.assert_trees_all_close(parallel.unreplicate(pmapped), expected, rtol=RTOL)
 
 
 def test_batch_not_divisible_by_devices_is_rejected():

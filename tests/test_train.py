@@ -1,5 +1,6 @@
 """Train state, optimiser, schedule and the pure train/eval steps."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -85,13 +86,8 @@ def test_softmax_train_step_loss_and_update():
         )
     )(state.params)
     updates, _ = state.tx.update(grads, state.opt_state, state.params)
-    for new, old, u in zip(
-        jax.tree.leaves(new_state.params),
-        jax.tree.leaves(state.params),
-        jax.tree.leaves(updates),
-        strict=True,
-    ):
-        np.testing.assert_allclose(new, old + u, rtol=RTOL, atol=1e-7)
+    expected_params = jax.tree.map(lambda old, u: old + u, state.params, updates)
+    chex.assert_trees_all_close(new_state.params, expected_params, rtol=RTOL, atol=1e-7)
     # BatchNorm running statistics: momentum 0.9 towards the batch statistics.
     mean0 = state.batch_stats["BatchNorm_0"]["mean"]
     mean1 = new_state.batch_stats["BatchNorm_0"]["mean"]
@@ -144,8 +140,7 @@ def test_eval_step_masked_sums_equal_unpadded():
     np.testing.assert_allclose(sums["correct"], np.sum(logits.argmax(1) == batch["label"]), rtol=0)
     np.testing.assert_allclose(sums["count"], 8.0, rtol=0)
     unmasked = jax.jit(train.eval_step)(state, batch)
-    for name in sums:
-        np.testing.assert_allclose(sums[name], unmasked[name], rtol=RTOL, err_msg=name)
+    chex.assert_trees_all_close(sums, unmasked, rtol=RTOL)
 
 
 def test_train_step_compiles_once():
