@@ -1,6 +1,6 @@
 """Tests of isomax_jax.scores against independent NumPy float64 references.
 
-The reference checks run in chex variants: eagerly, under `jit` and under `pmap`.
+The reference checks run in chex variants: eagerly, under ``jit`` and under ``pmap``.
 """
 
 import chex
@@ -69,7 +69,7 @@ class ScoresMatchNumpyTest(chex.TestCase):
         assert out.shape == (7,) and out.dtype == jnp.float32
         np.testing.assert_allclose(out, REFERENCES[name](logits), rtol=1e-5, atol=1e-6)
         # batched == vmap over single rows
-        rows = jax.vmap(lambda z: fn(z[None])[0])(logits)
+        rows = self.variant(jax.vmap(lambda z: fn(z[None])[0]))(logits)
         np.testing.assert_allclose(rows, out, rtol=1e-6, atol=1e-7)
         logits = _logits(1)
         with jax.enable_x64(True):
