@@ -26,8 +26,8 @@ import numpy as np
 from absl import logging
 
 from experiments import bootstrap, records
-from experiments.progress import Progress
 from isomax_jax import data, detectors, metrics, parallel, registry
+from isomax_jax.progress import Progress
 
 _Outputs = dict[str, np.ndarray]  # {"logits": [N, C], "features": [N, D]}
 

@@ -21,7 +21,6 @@ import numpy as np
 from absl import logging
 
 from experiments import records, validate
-from experiments.progress import Progress
 from isomax_jax import (
     checkpointing,
     data,
@@ -32,6 +31,7 @@ from isomax_jax import (
     train,
     validation,
 )
+from isomax_jax.progress import Progress
 
 # name -> number of classes of the in-distribution sets.
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}

@@ -1,7 +1,9 @@
 """Console progress for people: a tqdm bar on a terminal, a plain line every few seconds otherwise.
 
-Only process 0 of a multi-host run shows progress. Nothing here touches JAX: callers pass the
-numbers (fetched when they are ready anyway), so progress never adds a host-device sync.
+Used by the evaluator (:mod:`isomax_jax.evaluation`) and the experiments. Only process 0 of a
+multi-host run shows progress. Nothing here touches JAX: callers pass the numbers (fetched when
+they are ready anyway), so progress never adds a host-device sync. tqdm is optional (the
+``experiments`` extra installs it); without it, or off a terminal, plain lines are printed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ class Progress:
 
     Args:
       desc: what is being done, e.g. ``"train isomax seed 0"``.
-      total: number of units (steps, batches).
+      total: number of units (steps, batches), or None when unknown (a stream).
       initial: units already done (a resumed run).
       unit: the unit's name.
       enabled: False shows nothing (e.g. processes other than 0).
@@ -27,7 +29,7 @@ class Progress:
     def __init__(
         self,
         desc: str,
-        total: int,
+        total: int | None,
         *,
         initial: int = 0,
         unit: str = "step",
@@ -44,11 +46,15 @@ class Progress:
         self._line_every_s = line_every_s
         self._bar = None
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(
-                total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=True
-            )
+            try:
+                from tqdm import tqdm
+            except ImportError:  # plain lines instead
+                tqdm = None
+            if tqdm is not None:
+                self._bar = tqdm(
+                    total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
+                    leave=True,
+                )  # fmt: skip
 
     def update(self, n: int = 1, **postfix: Any) -> None:
         """Advances by ``n`` units; ``postfix`` values (numbers or strings) are shown after it."""
@@ -63,15 +69,21 @@ class Progress:
             self._bar.update(n)
             return
         now = time.time()
-        if now - self._last_line >= self._line_every_s or self.count >= self.total:
+        finished = self.total is not None and self.count >= self.total
+        if now - self._last_line >= self._line_every_s or finished:
             self._last_line = now
             print(self._line(now), file=sys.stderr, flush=True)
 
     def _line(self, now: float) -> str:
+        extra = " ".join(f"{k}={v}" for k, v in _format(self._postfix).items())
+        if self.total is None:
+            return (
+                f"{self.desc}: {self.count} {_plural(self.unit)}, {now - self._start:.0f} s "
+                f"{extra}".rstrip()
+            )
         done = self.count - self._initial
         rate = done / max(now - self._start, 1e-9)
         eta = (self.total - self.count) / rate if rate > 0 else float("nan")
-        extra = " ".join(f"{k}={v}" for k, v in _format(self._postfix).items())
         return (
             f"{self.desc}: {self.count}/{self.total} {_plural(self.unit)}, "
             f"{now - self._start:.0f} s, ETA {eta:.0f} s {extra}".rstrip()
