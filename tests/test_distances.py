@@ -186,22 +186,6 @@ def test_forward_mode_matches_reverse_mode():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_matmul_method_error_near_zero_distance():
-    """Documents the matmul form's loss of precision near d = 0 (float32, unit vectors)."""
-    rng = np.random.default_rng(9)
-    p = np_normalize(rng.normal(size=(8, 512))).astype(np.float32)
-    f = np.concatenate([p[:4], np_normalize(rng.normal(size=(4, 512)))]).astype(np.float32)
-    exact = pairwise_distance(f, p, method="exact")
-    matmul = pairwise_distance(f, p, method="matmul")
-    ref = np_distance(f, p)
-    np.testing.assert_allclose(exact, ref, rtol=1e-6, atol=1e-6)
-    near = np.abs(np.asarray(matmul) - ref)[np.arange(4), np.arange(4)]
-    far = np.abs(np.asarray(matmul) - ref)[4:]
-    assert np.all(np.asarray(exact)[np.arange(4), np.arange(4)] == 0.0)
-    assert far.max() < 1e-5
-    assert near.max() < 2e-3  # documented bound in `pairwise_distance`
-
-
 def test_exact_distance_memory_has_no_batch_class_feature_term():
     """fwd+bwd temp memory of the exact head at B=256, C=1000, D=2048 vs an nn.Dense head.
 
@@ -253,7 +237,7 @@ CASES = [
 
 
 class ExactDistanceMatchesNumpyTest(chex.TestCase):
-    """The exact distance on adversarial inputs against float64, eagerly and under jit."""
+    """The exact and matmul distances near d = 0 against float64, eagerly and under jit."""
 
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.named_parameters(*CASES)
@@ -275,6 +259,22 @@ class ExactDistanceMatchesNumpyTest(chex.TestCase):
             assert np.all(np.abs(matmul - ref) <= bound)
         else:  # the inputs are adversarial: the matrix-product form alone does not
             assert np.any(np.abs(matmul - ref) > bound)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_matmul_method_error_near_zero_distance(self):
+        """Documents the matmul form's loss of precision near d = 0 (float32, unit vectors)."""
+        rng = np.random.default_rng(9)
+        p = np_normalize(rng.normal(size=(8, 512))).astype(np.float32)
+        f = np.concatenate([p[:4], np_normalize(rng.normal(size=(4, 512)))]).astype(np.float32)
+        exact = self.variant(functools.partial(pairwise_distance, method="exact"))(f, p)
+        matmul = self.variant(functools.partial(pairwise_distance, method="matmul"))(f, p)
+        ref = np_distance(f, p)
+        np.testing.assert_allclose(exact, ref, rtol=1e-6, atol=1e-6)
+        near = np.abs(np.asarray(matmul) - ref)[np.arange(4), np.arange(4)]
+        far = np.abs(np.asarray(matmul) - ref)[4:]
+        assert np.all(np.asarray(exact)[np.arange(4), np.arange(4)] == 0.0)
+        assert far.max() < 1e-5
+        assert near.max() < 2e-3  # documented bound in `pairwise_distance`
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_float64_near_duplicates(self):
