@@ -1,9 +1,10 @@
-"""Activation-shaping detectors: ReAct (clip) and ASH-S (prune + scale), then energy.
+"""Activation-shaping detectors: ReAct (clip), ASH-S (prune + scale), SCALE (scale), then energy.
 
-Both change the penultimate features and re-apply the classification head through
-``head_fn(features) -> logits`` (any head: linear or distance-based), then score the new logits
-with the energy :func:`isomax_jax.scores.energy`. They assume non-negative (post-ReLU, pooled)
-activations, as in the papers.
+Each changes the penultimate features and re-applies the classification head through
+``head_fn(features) -> logits`` (linear or distance-based), then scores the new logits with the
+energy :func:`isomax_jax.scores.energy`. They assume non-negative (post-ReLU, pooled)
+activations, as in the papers. ASH-S and SCALE share the sharpening factor
+``exp(sum(row) / sum(top-k of row))``; ASH-S also prunes the row to its top-k, SCALE does not.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from isomax_jax.detectors import chunked, streaming
 from isomax_jax.detectors.base import Detector, as_matrix
 
 
-def _check_percentile(value) -> None:
+def check_percentile(value) -> None:
     """A percentile in [0, 100]; a value in (0, 1) is refused as a likely fraction."""
     validation.check_real("percentile", value, minimum=0, maximum=100)
     if 0 < value < 1:
@@ -60,7 +61,7 @@ class ReAct(Detector):
     state_keys = frozenset({"threshold"})
 
     def __post_init__(self):
-        _check_percentile(self.percentile)
+        check_percentile(self.percentile)
         validation.check_int("chunk", self.chunk)
 
     def _fit(self, *, features, **_):
@@ -152,6 +153,19 @@ class _PercentileAccumulator(streaming.Accumulator):
         return {"threshold": threshold}
 
 
+def _kept(dim: int, percentile: float) -> int:
+    """The ``k`` of ASH-S's and SCALE's top-k of ``dim`` entries: ``dim - round(dim p / 100)``."""
+    keep = dim - int(np.round(dim * percentile / 100.0))
+    if keep < 1:
+        raise ValueError(f"`percentile`={percentile} prunes all {dim} features; keep at least one.")
+    return keep
+
+
+def _sharpening(total: jax.Array, kept: jax.Array) -> jax.Array:
+    """``exp(total / kept)`` per row; ``exp(0) = 1`` where ``kept`` is 0 (instead of NaN)."""
+    return jnp.exp(jnp.where(kept != 0, total / jnp.where(kept != 0, kept, 1), 0))
+
+
 def ash_s(features: jax.Array, percentile: float) -> jax.Array:
     """ASH-S on ``[B, D]``: keep each row's ``D - round(D p / 100)`` largest entries, zero the rest,
     multiply by ``exp(sum(row) / sum(kept))``.
@@ -160,16 +174,10 @@ def ash_s(features: jax.Array, percentile: float) -> jax.Array:
     arbitrary subset of such ties). A row whose kept entries sum to 0 keeps scale ``exp(0) = 1``
     (instead of NaN).
     """
-    dim = features.shape[1]
-    keep = dim - int(np.round(dim * percentile / 100.0))
-    if keep < 1:
-        raise ValueError(f"`percentile`={percentile} prunes all {dim} features; keep at least one.")
-    threshold = jnp.min(jax.lax.top_k(features, keep)[0], axis=1)
+    threshold = jnp.min(jax.lax.top_k(features, _kept(features.shape[1], percentile))[0], axis=1)
     pruned = jnp.where(features >= threshold[:, None], features, 0)
     total = jnp.sum(features, axis=1)
-    kept = jnp.sum(pruned, axis=1)
-    scale = jnp.where(kept != 0, total / jnp.where(kept != 0, kept, 1), 0)
-    return pruned * jnp.exp(scale)[:, None]
+    return pruned * _sharpening(total, jnp.sum(pruned, axis=1))[:, None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,10 +197,53 @@ class ASH(Detector):
     score_inputs = frozenset({"features", "head_fn"})
 
     def __post_init__(self):
-        _check_percentile(self.percentile)
+        check_percentile(self.percentile)
 
     def _score(self, state, head_fn, *, features):
         return scores.energy(_head_logits(head_fn, ash_s(features, self.percentile)))
 
 
-DETECTORS = (ReAct, ASH)
+def scale_shaping(features: jax.Array, percentile: float) -> jax.Array:
+    """SCALE on ``[B, D]``: every entry multiplied by ``exp(sum(row) / sum(top-k of row))``,
+    ``k = D - round(D p / 100)``; nothing is pruned.
+
+    The top-k sum is that of ``lax.top_k``'s values, as the paper's code (``torch.topk``): ties at
+    the k-th value do not change it. A row whose top-k sums to 0 keeps scale ``exp(0) = 1``.
+    """
+    total = jnp.sum(features, axis=1)
+    top = jnp.sum(jax.lax.top_k(features, _kept(features.shape[1], percentile))[0], axis=1)
+    return features * _sharpening(total, top)[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class SCALE(Detector):
+    """SCALE: energy of the head applied to rescaled, unpruned features (:func:`scale_shaping`),
+    ``T logsumexp(h(f exp(sum(f) / sum(top-k of f))))`` with ``T = 1``.
+
+    Xu, Chen, Franchi & Yao, "Scaling for Training Time and Post-hoc Out-of-distribution
+    Detection Enhancement", ICLR 2024: ASH-S's sharpening factor without its pruning, applied to
+    the pooled penultimate features. Default ``percentile=85``, the authors' setting (their code's
+    configuration, also OpenOOD v1.5's, whose ImageNet-1K leaderboard SCALE leads among post-hoc
+    methods with ResNet-50).
+    Nothing to fit. pytorch-ood 0.4.0's default is 65 (a fraction, 0.65); its SCALE is the same
+    formula on ``[B, D, H, W]`` feature maps.
+
+    Applies to the SoftMax and IsoMax heads. IsoMax+ and DisMax L2-normalise the features before
+    the distance, so a positive per-row scale leaves their logits unchanged: there SCALE *is*
+    ``energy`` (tested), and ``applies_to`` is False so each head gets that score once.
+    """
+
+    percentile: float = 85.0
+    name = "scale"
+    title = "SCALE"
+    heads = frozenset({"softmax", "isomax"})
+    score_inputs = frozenset({"features", "head_fn"})
+
+    def __post_init__(self):
+        check_percentile(self.percentile)
+
+    def _score(self, state, head_fn, *, features):
+        return scores.energy(_head_logits(head_fn, scale_shaping(features, self.percentile)))
+
+
+DETECTORS = (ReAct, ASH, SCALE)
