@@ -46,10 +46,13 @@ class _LinearHeadDetector(Detector):
     def _require(self, needed, given, method):
         for key in ("kernel", "bias"):
             if key in needed and given.get(key) is None:
+                head = (
+                    "`kernel` [D, C] and `bias` [C]" if "bias" in self.inputs else "`kernel` [D, C]"
+                )
                 raise ValueError(
                     f"`{self.name}.{method}` needs `{key}`: {self.title} needs a linear head's "
-                    "`kernel` [D, C] (and `bias` [C]); it does not apply to distance-based heads "
-                    "(IsoMax, IsoMax+, DisMax), whose logits are not affine in the features."
+                    f"{head}; it does not apply to distance-based heads (IsoMax, IsoMax+, DisMax), "
+                    "whose logits are not affine in the features."
                 )
         super()._require(needed, given, method)
 
