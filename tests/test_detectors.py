@@ -164,7 +164,7 @@ def _fit_score(name, data, *, dtype_scores=True, **hparams):
 
 def test_names_titles_inputs():
     expected = (
-        "msp max_logit energy gen entropic min_distance mmles odin mahalanobis "
+        "msp max_logit energy gen entropic min_distance mmls mmles odin mahalanobis "
         "relative_mahalanobis knn vim react ash"
     ).split()
     # this file holds the references of these 15; the later detectors have test files of their own
