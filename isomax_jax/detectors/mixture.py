@@ -35,9 +35,10 @@ class GMM(Detector):
     Baseline", CVPR 2023 (DDU; Gaussian discriminant analysis on the features): one Gaussian per
     class with the class mean ``mu_c``, the class covariance ``Sigma_c`` (divided by the class
     count ``N_c``: the maximum-likelihood fit; DDU's code divides by ``N_c - 1``) and the weight
-    ``pi_c = N_c / N``; the score is the log-density of the features under the mixture. It is
-    Mahalanobis (Lee et al., NeurIPS 2018) with one covariance per class and the mixture's
-    ``logsumexp`` in place of the nearest class.
+    ``pi_c = N_c / N`` (the class prior of the paper's ``q(z) = sum_y q(z | y) q(y)``); the
+    score is the log-density of the features under the mixture. It is Mahalanobis (Lee et al.,
+    NeurIPS 2018) with one covariance per class and the mixture's ``logsumexp`` in place of the
+    nearest class.
 
     Hyperparameters: ``ridge=0`` (``Sigma_c + ridge I``; directions of no variance in a class are
     dropped from its density, the pseudo-inverse rule of :mod:`isomax_jax.detectors.gaussian`:

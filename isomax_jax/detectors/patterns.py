@@ -364,13 +364,15 @@ class _EnergyBank(streaming.Accumulator):
 
     def __init__(self, detector: NNGuide):
         self.detector, self.parts, self.energies = detector, [], []
-        self.width = self.dtype = None
+        self.width = self.classes = self.dtype = None
 
     def update(self, batch, pass_index):
         x, logits = batch["features"], batch["logits"]
         if self.width is None:
             self.width, self.dtype = x.shape[1], streaming.state_dtype(x.dtype)
+            self.classes = logits.shape[1]
         _check_columns("features", x, self.width)
+        _check_columns("logits", logits, self.classes)
         x = np.asarray(x, np.float64)
         unit = x / np.maximum(np.sqrt(np.sum(x * x, axis=1)), 1e-12)[:, None]
         _, energy = _softmax64(logits)
