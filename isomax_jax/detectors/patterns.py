@@ -302,8 +302,9 @@ class NNGuide(Detector):
     The bank holds the normalised training features scaled by their energies (computed in
     float64, rounded once to the features' dtype); ``G`` averages the ``k`` largest inner
     products with it, found exactly (:func:`top_k_mean`, which runs KNN's search). Defaults:
-    ``k=10`` (the authors' code and configuration); the paper's bank is a random subset of the
-    training set (1 % for ImageNet): fit on such a subset. ``bank_chunk=8192`` and
+    ``k=10`` (the authors' code and configuration). A bank of a random subset of the training
+    set, as the paper also uses (pytorch-ood cites 1 % for ImageNet), is a fit on that subset.
+    ``bank_chunk=8192`` and
     ``query_chunk=1024`` as in KNN (the bank is stored in KNN's blocks, the fit walks
     ``bank_chunk`` rows at a time).
 
