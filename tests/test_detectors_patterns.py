@@ -17,7 +17,7 @@ import pytest
 from scipy import special, stats
 
 from isomax_jax import detectors
-from isomax_jax.detectors import patterns
+from isomax_jax.detectors import mixture, patterns
 
 N, D, C, B = 120, 8, 4, 20
 F64 = dict(rtol=1e-10, atol=1e-12)
@@ -123,7 +123,7 @@ def fit_score(name, data, **hparams):
 
 def test_registered_with_names_titles_inputs_and_heads():
     assert set(NAMES) <= set(detectors.NAMES)
-    assert {d.name for d in patterns.DETECTORS} == set(NAMES)
+    assert {d.name for d in (*patterns.DETECTORS, *mixture.DETECTORS)} == set(NAMES)
     titles = {n: detectors.get(n).title for n in NAMES}
     assert titles == {"kl_matching": "KL-Matching", "she": "SHE", "nnguide": "NNGuide",
                       "gmm": "GMM"}  # fmt: skip

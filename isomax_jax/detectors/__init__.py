@@ -37,6 +37,15 @@ knn                      KNN          features                        all
 vim                      ViM          features, kernel, bias          softmax
 react                    ReAct        features, head_fn               all
 ash                      ASH          features, head_fn               all
+scale                    SCALE        features, head_fn               softmax, isomax
+dice                     DICE         features, kernel, bias          softmax
+fdbd                     fDBD         features, kernel, logits        softmax
+gradnorm                 GradNorm     features, logits                softmax
+weighted_ebo             WeightedEBO  logits                          all
+kl_matching              KL-Matching  logits                          all
+she                      SHE          features, logits, labels        all
+nnguide                  NNGuide      features, logits                softmax
+gmm                      GMM          features, labels                all
 =======================  ===========  ==============================  =========================
 """
 
@@ -49,6 +58,7 @@ from isomax_jax.detectors import (
     feature,
     knn,
     logit,
+    mixture,
     patterns,
     perturbation,
     vim,
@@ -67,6 +77,7 @@ _CLASSES = (
     + activation.DETECTORS
     + weights.DETECTORS
     + patterns.DETECTORS
+    + mixture.DETECTORS
 )
 _REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in _CLASSES}
 

@@ -151,3 +151,6 @@ class _ClassGaussians(streaming.Accumulator):
             "whitening": jnp.asarray(padded, self.dtype),
             "log_normalizer": jnp.asarray(np.array(log_normalizer), self.dtype),
         }
+
+
+DETECTORS = (GMM,)

@@ -6,7 +6,6 @@ name           title        score (higher = in-distribution)                    
 kl_matching    KL-Matching  ``-min_k KL[p(x) || d_k]``, ``d_k`` the mean posterior of k  all
 she            SHE          ``f(x) . S_yhat``, ``S_c`` the mean of class c's correct f   all
 nnguide        NNGuide      ``mean_{top k} <f^(x), E(z_i) f^(z_i)> * E(x)``               softmax
-gmm            GMM          ``log sum_c pi_c N(f; mu_c, Sigma_c)`` (:mod:`.mixture`)       all
 =============  ===========  ===========================================================  =======
 
 Fitting accumulates in float64 on the host, batch by batch (:meth:`Detector.fit_from`): the
@@ -38,7 +37,6 @@ from jax import lax
 from isomax_jax import scores, validation
 from isomax_jax.detectors import knn, streaming
 from isomax_jax.detectors.base import Detector, as_matrix, check_labels, check_width
-from isomax_jax.detectors.mixture import GMM
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -397,4 +395,4 @@ class _EnergyBank(streaming.Accumulator):
         return {"bank": state["bank"], "lifted_sq_norms": jnp.asarray(lifted, self.dtype)}
 
 
-DETECTORS = (KLMatching, SHE, NNGuide, GMM)
+DETECTORS = (KLMatching, SHE, NNGuide)
