@@ -1,35 +1,27 @@
-"""Evaluation of trained models: outputs, every applicable detector, metrics, bootstrap.
+"""Evaluation of trained models through the library's evaluator, plus what is about experiments.
 
-The evaluation is the same for every loss. Each model runs once over each data set through the
-library's sharded eval step (`isomax_jax.parallel.sharded_eval_step(..., return_outputs=True)`:
-BatchNorm in inference mode, the in-distribution normalisation for every set), which gives the
-test accuracy and the logits and features of every example. Detectors that fit something
-(Mahalanobis, KNN, ViM, ReAct, ...) are fitted on the outputs of the training split (no
-augmentation, no OOD data) with their papers' default hyperparameters; every detector that
-applies to the model's head scores every set; `isomax_jax.metrics.ood_metrics` gives the
-metrics under each configured convention. Data sets are the outer loop, so each is read once for
-all the models of an experiment. With one run per loss, `experiments.bootstrap` gives the
-verdicts' noise intervals.
+Each model is evaluated by :func:`isomax_jax.evaluation.evaluate`, the same path a user's own
+model takes: its outputs on the training split (no augmentation, no OOD data) fit every
+applicable detector with its papers' default hyperparameters in one streamed pass; every
+detector scores the in-distribution test set and each OOD set; `ood_metrics` gives the metrics
+in each configured convention. What stays here is about experiments: which detectors a run
+gets (`applicable_detectors`), the evaluation caps of the config, the runs' records, the
+logits kept for the report, the scores for the plots and, with one run per loss,
+`experiments.bootstrap`'s noise intervals for the verdicts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from experiments import bootstrap, records
-from isomax_jax import data, detectors, metrics, parallel, registry
-from isomax_jax.progress import Progress
-
-_Outputs = dict[str, np.ndarray]  # {"logits": [N, C], "features": [N, D]}
+from isomax_jax import data, detectors, evaluation, parallel, registry
 
 
 @dataclasses.dataclass
@@ -71,107 +63,29 @@ def _head_inputs(run: records.TrainedRun) -> dict[str, Any]:
     return inputs
 
 
-def _apply_fn(run: records.TrainedRun):
+def _forward(step, run: records.TrainedRun, mesh):
+    """The run's forward pass through the training loop's compiled, sharded eval step (BatchNorm
+    in inference mode): the same program that gave the logits before the library's evaluator
+    took over the evaluation, so the numbers stay the same to the bit."""
+
+    def forward(images):
+        n = images.shape[0]
+        batch = {"image": images, "label": np.zeros(n, np.int32), "mask": np.ones(n, bool)}
+        _, outputs = step(run.state, parallel.shard_batch(batch, mesh))
+        return outputs
+
+    return forward
+
+
+def _outputs_fn(run: records.TrainedRun):
+    """The run's model in inference mode: images -> {"logits", "features"}."""
     variables = run.state.variables
 
-    def apply(images):
-        return run.model.apply(variables, images, train=False, return_features=True)
+    def outputs(images):
+        logits, features = run.model.apply(variables, images, train=False, return_features=True)
+        return {"logits": logits, "features": features}
 
-    return apply
-
-
-class _Forward:
-    """The sharded eval step of every model, and a pass over a batch stream."""
-
-    def __init__(self, trained: Sequence[records.TrainedRun], mesh: Any):
-        self.trained, self.mesh = trained, mesh
-        step = parallel.sharded_eval_step(mesh, return_outputs=True)
-        self._step = step
-
-    def run(
-        self,
-        batches: Iterable[Mapping[str, np.ndarray]],
-        total: int,
-        desc: str,
-        cap: int | None,
-        keep_images: int = 0,
-    ) -> tuple[dict[str, _Outputs], np.ndarray, dict[str, float], np.ndarray]:
-        """Outputs of every model on the real (masked) examples, labels, accuracy per model,
-        and this process's first `keep_images` real images (for input-perturbation detectors)."""
-        outs: dict[str, dict[str, list]] = {
-            t.name: {"logits": [], "features": []} for t in self.trained
-        }
-        sums = {t.name: np.zeros(2) for t in self.trained}
-        labels, seen, kept, num_kept = [], 0, [], 0
-        gather = jax.jit(lambda x: x, out_shardings=parallel.replicated(self.mesh))
-        with Progress(desc, total, unit="batch", enabled=jax.process_index() == 0) as bar:
-            for batch in batches:
-                device_batch = parallel.shard_batch(
-                    {"image": batch["image"], "label": batch["label"], "mask": batch["mask"]},
-                    self.mesh,
-                )
-                meta = jax.device_get(
-                    gather({"m": device_batch["mask"], "y": device_batch["label"]})
-                )
-                mask = np.asarray(meta["m"], bool)
-                for t in self.trained:
-                    s, o = self._step(t.state, device_batch)
-                    s, o = jax.device_get((s, o))
-                    sums[t.name] += [float(s["correct"]), float(s["count"])]
-                    for key in ("logits", "features"):
-                        outs[t.name][key].append(np.asarray(o[key], np.float32)[mask])
-                labels.append(np.asarray(meta["y"])[mask])
-                if num_kept < keep_images:
-                    local = np.asarray(batch["image"])[np.asarray(batch["mask"], bool)]
-                    kept.append(local[: keep_images - num_kept])
-                    num_kept += len(kept[-1])
-                seen += int(mask.sum())
-                bar.update(1)
-                if cap is not None and seen >= cap:
-                    break
-        result = {
-            name: {k: np.concatenate(v)[:cap] for k, v in by_key.items()}
-            for name, by_key in outs.items()
-        }
-        accuracy = {name: c / n if n else float("nan") for name, (c, n) in sums.items()}
-        images = np.concatenate(kept) if kept else np.zeros((0,), np.float32)
-        return result, np.concatenate(labels)[:cap], accuracy, images
-
-
-def _score_all(
-    run: records.TrainedRun,
-    names: Sequence[str],
-    states: Mapping[str, Any],
-    outputs: _Outputs,
-    head_inputs: Mapping[str, Any],
-) -> dict[str, np.ndarray]:
-    scores = {}
-    for name in names:
-        det = detectors.get(name)
-        if det.needs_images:
-            continue
-        value = det.score(
-            states.get(name, {}),
-            features=outputs["features"],
-            logits=outputs["logits"],
-            **head_inputs,
-        )
-        scores[name] = np.asarray(value, np.float32)
-    return scores
-
-
-def _image_scores(state, name, apply, images, head_inputs, batch_size) -> np.ndarray:
-    """Scores of an input-perturbation detector (ODIN) on `images` (this process's rows).
-
-    `apply` is the run's one `_apply_fn` (a static argument of the detector's jit: the same
-    object for every set, so the forward and backward pass compile once per model)."""
-    det = detectors.get(name)
-    out = [
-        np.asarray(det.score_images(state, apply, jnp.asarray(chunk), **head_inputs))
-        for chunk in np.array_split(images, max(1, -(-len(images) // batch_size)))
-        if len(chunk)
-    ]
-    return np.concatenate(out).astype(np.float32)
+    return outputs
 
 
 def _eval_batches(config: Any, dataset: str):
@@ -186,56 +100,46 @@ def _eval_batches(config: Any, dataset: str):
     )
 
 
-@functools.partial(jax.jit, static_argnames=("convention",))
-def _metrics(in_scores, out_scores, out_mask, *, convention):
-    return metrics.ood_metrics(in_scores, out_scores, out_mask=out_mask, convention=convention)
-
-
-def metric_table(in_scores, out_scores, conventions) -> dict[str, dict[str, float]]:
-    """`{convention: {metric: value}}` for one (detector, OOD set); OOD scores padded to a
-    power-of-two length with a mask so that every set shares one compilation."""
-    n = len(out_scores)
-    size = 1 << max(n - 1, 1).bit_length()
-    padded = np.zeros(size, np.float32)
-    padded[:n] = out_scores
-    mask = np.arange(size) < n
-    table = {}
-    for conv in conventions:
-        m = jax.device_get(_metrics(in_scores, padded, mask, convention=conv))
-        table[conv] = {k: float(m[k]) for k in registry.METRIC_NAMES}
-    return table
-
-
-@dataclasses.dataclass
-class _Scored:
-    """Every set's outputs through every model, scored by each of its detectors."""
-
-    logits: dict[str, dict[str, np.ndarray]]  # run name -> set -> [N, C]
-    scores: dict[str, dict[str, dict[str, np.ndarray]]]  # run name -> set -> detector -> [N]
-    accuracy: dict[str, float]  # run name -> in-distribution test accuracy
-    sizes: dict[str, dict[str, int]]  # run name -> set -> examples evaluated
-
-
 def evaluate_runs(
     config: Any, trained: Sequence[records.TrainedRun], *, mesh: Any, workdir: str
 ) -> Evaluation:
     """Evaluates trained models on the test set and every OOD set with every detector."""
     config = _with_build_dir(config, config.build_dir or os.path.join(workdir, "data"))
-    forward = _Forward(trained, mesh)
-    names = {t.name: applicable_detectors(config, t.loss) for t in trained}
-    head_inputs = {t.name: _head_inputs(t) for t in trained}
-    states, skipped = _fit_detectors(config, trained, forward, names, head_inputs)
-    scored = _score_sets(config, trained, forward, names, states, head_inputs)
-    results = [_run_result(config, t, names[t.name], scored) for t in trained]
+    fit_images, fit_labels = _fit_split(config, trained)
+    step = parallel.sharded_eval_step(mesh, return_outputs=True)
+    results, logits, scores, skipped = [], {}, {}, {}
+    for t in trained:
+        report = evaluation.evaluate(
+            _outputs_fn(t),
+            forward=_forward(step, t, mesh),
+            fit_batches=_fit_batches(config, fit_images, fit_labels),
+            id_batches=_capped(_eval_batches(config, config.dataset), _cap(config)),
+            ood_batches={d: _capped(_eval_batches(config, d), _cap(config))
+                         for d in config.ood_datasets},  # fmt: skip
+            head=t.loss,
+            detectors=applicable_detectors(config, t.loss),
+            conventions=config.conventions,
+            perturbation_max_examples=config.perturbation_max_examples
+            if config.perturbation_max_examples > 0 else None,
+            keep_logits=True,
+            progress=True,
+            **_head_inputs(t),
+        )  # fmt: skip
+        rename = lambda d: config.dataset if d == "in" else d  # noqa: E731
+        logits[t.name] = {rename(d): v for d, v in report.logits.items()}
+        scores[t.name] = {rename(d): v for d, v in report.scores.items()}
+        skipped[t.name] = {
+            n: why.removeprefix("not fitted: ")
+            for n, why in report.skipped.items()
+            if why.startswith("not fitted: ")
+        }
+        results.append(_run_result(config, t, report))
     intervals = {}
     if config.bootstrap_samples > 0 and config.runs == 1 and "softmax" in config.losses:
-        intervals = bootstrap.paired_bootstrap(config, trained, scored.scores, results)
+        intervals = bootstrap.paired_bootstrap(config, trained, scores, results)
+    names = {r.name: r.detectors for r in results}
     return Evaluation(
-        results,
-        _plot_scores(trained, scored.scores),
-        scored.logits,
-        intervals,
-        _detector_info(names, skipped),
+        results, _plot_scores(trained, scores), logits, intervals, _detector_info(names, skipped)
     )
 
 
@@ -243,99 +147,52 @@ def _cap(config: Any) -> int | None:
     return config.max_eval_examples if config.max_eval_examples > 0 else None
 
 
-def _fit_detectors(config, trained, forward, names, head_inputs):
-    """Fits every detector that fits something on the training split's outputs (no
-    augmentation, no OOD data): `({run: {detector: state}}, {run: {detector: why not}})`.
-
-    A detector that cannot be fitted (e.g. a singular feature covariance) is reported and
-    removed from `names`."""
-    states: dict[str, dict[str, Any]] = {t.name: {} for t in trained}
-    skipped: dict[str, dict[str, str]] = {}
-    if not any(detectors.get(n).fit_inputs for ns in names.values() for n in ns):
-        return states, skipped
+def _fit_split(config: Any, trained) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The training split (capped), read once for every model, if any detector fits on it."""
+    if not any(detectors.get(n).fit_inputs for t in trained
+               for n in applicable_detectors(config, t.loss)):  # fmt: skip
+        return None, None
     images, labels = data.load_train_split(
         config.dataset, split=config.train_split, data_dir=config.data_dir or None,
         download=config.download,
     )  # fmt: skip
     n_fit = len(images) if _cap(config) is None else min(len(images), _cap(config))
-    batches = data.EvalBatches(
-        images[:n_fit], labels[:n_fit], batch_size=config.eval_batch_size, name=config.dataset,
+    return images[:n_fit], labels[:n_fit]
+
+
+def _fit_batches(config: Any, images, labels):
+    if images is None:
+        return None
+    return data.EvalBatches(
+        images, labels, batch_size=config.eval_batch_size, name=config.dataset,
         process_index=jax.process_index(), process_count=jax.process_count(),
     )  # fmt: skip
-    fit_out, fit_labels, _, _ = forward.run(
-        batches, len(batches), "features of the training split", None
-    )
-    total = sum(len(ns) for ns in names.values())
-    with Progress("fit detectors", total, unit="detector", enabled=jax.process_index() == 0) as bar:
-        for t in trained:
-            for name in list(names[t.name]):
-                try:
-                    states[t.name][name] = detectors.get(name).fit(
-                        features=fit_out[t.name]["features"], logits=fit_out[t.name]["logits"],
-                        labels=fit_labels, **head_inputs[t.name],
-                    )  # fmt: skip
-                except ValueError as err:  # e.g. a singular feature covariance: report it
-                    names[t.name].remove(name)
-                    skipped.setdefault(t.name, {})[name] = str(err)
-                    logging.warning("%s: detector %s not fitted: %s", t.name, name, err)
-                bar.update(1, run=t.name, detector=name)
-    return states, skipped
 
 
-def _score_sets(config, trained, forward, names, states, head_inputs) -> _Scored:
-    """Each set (in-distribution test set first, then the OOD sets) read once: every model's
-    outputs, then every applicable detector's scores (input-perturbation ones on the images)."""
-    perturb_cap = config.perturbation_max_examples
-    perturb = any(detectors.get(n).needs_images for ns in names.values() for n in ns)
-    keep_images = (perturb_cap if perturb_cap > 0 else 1 << 62) if perturb else 0
-    apply_fns = {t.name: _apply_fn(t) for t in trained}
-    scored = _Scored({t.name: {} for t in trained}, {t.name: {} for t in trained}, {}, {})
-    for dataset in (config.dataset, *config.ood_datasets):
-        batches = _eval_batches(config, dataset)
-        outputs, _, acc, images = forward.run(
-            batches, len(batches), f"evaluate {dataset}", _cap(config), keep_images=keep_images
-        )
-        if dataset == config.dataset:
-            scored.accuracy = acc
-        total = sum(len(names[t.name]) for t in trained)
-        with Progress(
-            f"score {dataset}", total, unit="detector", enabled=jax.process_index() == 0
-        ) as bar:
-            for t in trained:
-                out = outputs[t.name]
-                scored.sizes.setdefault(t.name, {})[dataset] = len(out["logits"])
-                scored.logits[t.name][dataset] = out["logits"]
-                by_det = _score_all(t, names[t.name], states[t.name], out, head_inputs[t.name])
-                scored.scores[t.name][dataset] = by_det
-                bar.update(len(by_det), run=t.name)
-                for name in names[t.name]:
-                    if detectors.get(name).needs_images:
-                        by_det[name] = _image_scores(
-                            states[t.name][name], name, apply_fns[t.name], images,
-                            head_inputs[t.name], config.eval_batch_size,
-                        )  # fmt: skip
-                        bar.update(1, run=t.name, detector=name)
-    return scored
+def _capped(batches, cap: int | None) -> Iterator[Mapping[str, np.ndarray]]:
+    """The batches up to ``cap`` real examples (this process's), the rest masked out."""
+    seen = 0
+    for batch in batches:
+        if cap is not None and seen >= cap:
+            return
+        mask = np.asarray(batch["mask"], bool)
+        if cap is not None:
+            mask = mask & (np.cumsum(mask) + seen <= cap)
+        seen += int(mask.sum())
+        yield {**batch, "mask": mask}
 
 
-def _run_result(config, t: records.TrainedRun, names, scored: _Scored) -> records.RunResult:
+def _run_result(config, t: records.TrainedRun, report: evaluation.Report) -> records.RunResult:
     """One run's accuracy and `{ood: {detector: {convention: {metric: value}}}}`."""
-    in_scores = scored.scores[t.name][config.dataset]
     ood = {
-        dataset: {
-            name: metric_table(
-                in_scores[name], scored.scores[t.name][dataset][name], config.conventions
-            )
-            for name in names
-        }
-        for dataset in config.ood_datasets
+        d: {n: {c: report.metrics[c][d][n] for c in config.conventions} for n in report.detectors}
+        for d in config.ood_datasets
     }
-    sizes = scored.sizes[t.name]
     return records.RunResult(
         loss=t.loss, seed=t.seed, run=t.run, train=dict(t.train),
-        accuracy=float(scored.accuracy[t.name]), num_test_examples=sizes[config.dataset],
-        num_ood_examples={d: sizes[d] for d in config.ood_datasets}, ood=ood,
-        detectors=list(names),
+        accuracy=float(report.accuracy), num_test_examples=report.num_examples["in"],
+        num_ood_examples={d: report.num_examples[d] for d in config.ood_datasets}, ood=ood,
+        detectors=list(report.detectors),
     )  # fmt: skip
 
 

@@ -40,7 +40,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -55,6 +57,10 @@ from isomax_jax.detectors.base import model_outputs
 from isomax_jax.progress import Progress
 
 Batches = Iterable[Mapping[str, Any]]
+_log = logging.getLogger(__name__)
+#: Rows per chunk of the fit pass's statistics (the detectors' own ``chunk`` default): the
+#: float64 sums then run in the same order as ``Detector.fit`` on the whole split.
+FIT_CHUNK = 4096
 
 
 @dataclasses.dataclass
@@ -73,8 +79,10 @@ class Report:
         the OOD sets were not grouped.
       num_examples: examples per set (``"in"`` and each OOD set).
       detectors: the detectors evaluated, in registry order.
-      skipped: detector -> why it was not evaluated.
+      skipped: detector -> why it was not evaluated (its inputs are not available, or its fit
+        failed on this data: ``"not fitted: ..."``).
       tpr: the TPR of the operating-point metrics.
+      logits: ``logits[set]`` ``[N, C]`` when asked for (``keep_logits=True``), else empty.
     """
 
     head: str
@@ -86,6 +94,7 @@ class Report:
     detectors: tuple[str, ...]
     skipped: dict[str, str]
     tpr: float = 0.95
+    logits: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def group_means(self, convention: str) -> dict[str, dict[str, dict[str, float]]]:
         """``{group: {detector: {metric: mean over the group's sets}}}`` (OpenOOD's "near" /
@@ -136,6 +145,7 @@ class Report:
         """Everything but the scores, as JSON (NaN metrics as ``null``)."""
         data = dataclasses.asdict(self)
         data.pop("scores")
+        data.pop("logits")
         data["group_means"] = {c: self.group_means(c) for c in self.metrics}
         return json.dumps(_nan_to_none(data), indent=1, sort_keys=True)
 
@@ -155,6 +165,8 @@ def evaluate(
     tpr: float = 0.95,
     perturbation_max_examples: int | None = 1000,
     mesh: jax.sharding.Mesh | None = None,
+    forward: Callable[[np.ndarray], Any] | None = None,
+    keep_logits: bool = False,
     progress: bool = True,
 ) -> Report:
     """Evaluates a model as an OOD detector with every requested detector.
@@ -182,6 +194,13 @@ def evaluate(
         example); None = all. They are skipped, with the reason, when ``outputs_fn`` cannot be
         differentiated with respect to the images.
       mesh: a 1-D mesh named ``"data"`` over this process's devices (default: all of them).
+      forward: an already compiled forward pass to run instead of ``jax.jit(outputs_fn)``, e.g.
+        your loop's jitted, sharded eval step: ``images [B, ...] -> {"logits", "features"}``
+        (or a pair), ``B`` padded to a multiple of ``mesh``'s local devices; called by every
+        process the same number of times per set when the sets are padded alike.
+        ``outputs_fn`` is then only traced (for the input-gradient detectors and to see what
+        the model returns).
+      keep_logits: also return every set's logits (``Report.logits``).
       progress: show a progress bar per pass.
 
     Every batch may carry a boolean ``"mask"`` (False = padding, left out everywhere).
@@ -198,7 +217,7 @@ def evaluate(
     groups, ood = _flatten_sets(ood_batches)
     head_inputs = {k: v for k, v in dict(kernel=kernel, bias=bias, head_fn=head_fn).items()
                    if v is not None}  # fmt: skip
-    forward = _Forward(outputs_fn, mesh)
+    forward = _Forward(outputs_fn, mesh, compiled=forward)
     id_batches = forward.probe(id_batches)  # what outputs_fn returns, and its input gradient
     chosen, skipped = _choose(detectors, spec.name, head_inputs, forward)
     show = progress and jax.process_index() == 0
@@ -213,37 +232,30 @@ def evaluate(
             )
         accumulators = {d.name: d.accumulator(**head_inputs) for d in fitting}
         with Progress("outputs of the training split", None, unit="batch", enabled=show) as bar:
-            outputs = forward.fit_batches(fit_batches, bar)
+            outputs = streaming.rebatch(forward.fit_batches(fit_batches, bar), FIT_CHUNK)
             streaming.drive(list(accumulators.values()), outputs, "evaluate")
-        states.update({name: acc.finalize() for name, acc in accumulators.items()})
+        for name, accumulator in accumulators.items():
+            try:
+                states[name] = accumulator.finalize()
+            except ValueError as err:  # a property of the data (e.g. all features equal)
+                skipped[name] = f"not fitted: {err}"
+                _log.warning("detector %s not fitted: %s", name, err)
+        chosen = [d for d in chosen if d.name not in skipped]
 
     scorer = functools.partial(
         forward.score_set, detectors=chosen, states=states, head_inputs=head_inputs,
         perturbation_max_examples=perturbation_max_examples, show=show,
     )  # fmt: skip
-    scores, counts = {}, {}
-    scores["in"], counts["in"] = scorer("in", id_batches, want_accuracy=True)
-    for name, batches in ood.items():
-        scores[name], counts[name] = scorer(name, batches, want_accuracy=False)
+    scores, counts, logits = {}, {}, {}
+    for name, batches in (("in", id_batches), *ood.items()):
+        scores[name], logits[name], counts[name] = scorer(name, batches)
     scores = {s: {d: _gather(v) for d, v in by_det.items()} for s, by_det in scores.items()}
+    logits = {s: _gather(v) for s, v in logits.items()} if keep_logits else {}
     counts = {s: [int(x) for x in _gather(np.asarray(c, np.int64), sum_=True)]
               for s, c in counts.items()}  # fmt: skip
     correct, labelled = counts["in"][1:]
 
-    results = {
-        conv: {
-            name: {
-                d.name: _floats(
-                    metrics.ood_metrics(
-                        scores["in"][d.name], scores[name][d.name], convention=conv, tpr=tpr
-                    )
-                )  # fmt: skip
-                for d in chosen
-            }
-            for name in ood
-        }
-        for conv in conventions
-    }
+    results = _metric_tables(scores, list(ood), [d.name for d in chosen], conventions, tpr)
     return Report(
         head=spec.name,
         accuracy=correct / labelled if labelled else None,
@@ -254,16 +266,18 @@ def evaluate(
         detectors=tuple(d.name for d in chosen),
         skipped=skipped,
         tpr=tpr,
+        logits=logits,
     )
 
 
 class _Forward:
     """``outputs_fn`` jitted over this process's devices, batch padded to a fixed size."""
 
-    def __init__(self, outputs_fn: Callable, mesh: jax.sharding.Mesh | None):
+    def __init__(self, outputs_fn: Callable, mesh: jax.sharding.Mesh | None, compiled=None):
         self.mesh = mesh or parallel.data_mesh(jax.local_devices())
-        self.devices = self.mesh.devices.size
+        self.devices = len(self.mesh.local_devices)
         self.outputs_fn = outputs_fn
+        self.compiled = compiled
         self.size: int | None = None  # padded batch size: the largest batch so far
         sharding = parallel.batch_sharded(self.mesh)
         self._jitted = jax.jit(self._outputs, in_shardings=sharding, out_shardings=sharding)
@@ -295,8 +309,13 @@ class _Forward:
         return images, mask, labels
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        out = self._jitted(images)
-        return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
+        if self.compiled is None:
+            out = self._jitted(images)
+        else:  # the caller's own compiled forward pass
+            logits, features = model_outputs(self.compiled(images), "forward")
+            out = {"logits": logits, "features": features}
+        out = jax.device_get(out)
+        return {k: np.asarray(v, validation.compute_dtype(v.dtype)) for k, v in out.items()}
 
     def fit_batches(self, batches: Batches, bar: Progress):
         """The outputs of the training split, masked rows dropped, as fit batches."""
@@ -329,35 +348,54 @@ class _Forward:
         return _Chain([first], iterator)
 
     def score_set(self, name, batches, *, detectors, states, head_inputs, perturbation_max_examples,
-                  show, want_accuracy):  # fmt: skip
-        """Scores of every detector on one set (this process's rows), and (correct, counted)."""
-        out = {d.name: [] for d in detectors}
-        examples = correct = counted = 0
+                  show):  # fmt: skip
+        """Scores of every detector on one set (this process's rows), its logits, and
+        ``(examples, correct, labelled)``.
+
+        The set's outputs are collected, then each detector scores all of them in one call (one
+        compilation per set size); input-perturbation detectors score the first
+        ``perturbation_max_examples`` images in chunks of at most one batch."""
+        logits, features, images = [], [], []
         cap = math.inf if perturbation_max_examples is None else perturbation_max_examples
-        apply = self._outputs  # one object: the image detectors' jit is compiled once
-        with Progress(f"score {name}", None, unit="batch", enabled=show) as bar:
+        kept = correct = labelled = 0
+        perturb = any(d.needs_images for d in detectors)
+        with Progress(f"evaluate {name}", None, unit="batch", enabled=show) as bar:
             for batch in batches:
-                images, mask, labels = self.pad(batch)
-                outputs = self(images)
-                if want_accuracy and labels is not None:
-                    predicted = outputs["logits"].argmax(axis=1)
-                    correct += int(np.sum((predicted == labels) & mask))
-                    counted += int(mask.sum())
-                for det in detectors:
-                    if det.needs_images:  # the first `cap` examples only
-                        if examples < cap:
-                            value = det.score_images(states[det.name], apply, images, **head_inputs)
-                            out[det.name].append(np.asarray(value)[mask])
-                        continue
-                    value = det.score(states[det.name], **outputs, **head_inputs)
-                    out[det.name].append(np.asarray(value)[mask])
-                examples += int(mask.sum())
+                padded, mask, labels = self.pad(batch)
+                out = self(padded)
+                logits.append(out["logits"][mask])
+                features.append(out["features"][mask])
+                if labels is not None:
+                    correct += int(np.sum((out["logits"].argmax(axis=1) == labels) & mask))
+                    labelled += int(np.sum(mask & (labels >= 0)))
+                if perturb and kept < cap:
+                    images.append(padded[mask][: int(min(cap - kept, mask.sum()))])
+                    kept += len(images[-1])
                 bar.update(1)
+        outputs = {"logits": np.concatenate(logits), "features": np.concatenate(features)}
         scores = {}
         for det in detectors:
-            values = np.concatenate(out[det.name]) if out[det.name] else np.zeros(0, np.float32)
-            scores[det.name] = values[: cap if det.needs_images else None]
-        return scores, (examples, correct, counted)
+            if det.needs_images:
+                scores[det.name] = self._image_scores(det, states[det.name], images, head_inputs)
+            else:
+                value = det.score(states[det.name], **outputs, **head_inputs)
+                scores[det.name] = np.asarray(value)
+        n = len(outputs["logits"])
+        return scores, outputs["logits"], (n, correct, labelled)
+
+    def _image_scores(self, det, state, images, head_inputs) -> np.ndarray:
+        """An input-perturbation detector's scores of ``images``, in chunks of at most one
+        (padded) batch; ``self._outputs`` is one object, so the detector compiles once."""
+        images = np.concatenate(images) if images else np.zeros((0,), np.float32)
+        if not len(images):
+            return np.zeros(0, np.float32)
+        chunks = np.array_split(images, -(-len(images) // self.size))
+        return np.concatenate(
+            [
+                np.asarray(det.score_images(state, self._outputs, jnp.asarray(c), **head_inputs))
+                for c in chunks
+            ]  # fmt: skip
+        )
 
 
 class _Chain:
@@ -419,6 +457,35 @@ def _flatten_sets(ood_batches) -> tuple[dict[str, tuple[str, ...]], dict[str, Ba
                 raise ValueError(f"OOD set name {name!r} is used twice (or is reserved).")
             sets[name] = batches
     return groups, sets
+
+
+def _metric_tables(scores, sets, names, conventions, tpr):
+    """``{convention: {set: {detector: metrics}}}``; unresolvable-TPR warnings summarised in one
+    log line instead of one warning per pair."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", metrics.TPRResolutionWarning)
+        tables_ = {
+            conv: {
+                s: {
+                    n: _floats(
+                        metrics.ood_metrics(scores["in"][n], scores[s][n], convention=conv, tpr=tpr)
+                    )  # fmt: skip
+                    for n in names
+                }
+                for s in sets
+            }
+            for conv in conventions
+        }
+    unresolved = [w for w in caught if issubclass(w.category, metrics.TPRResolutionWarning)]
+    for w in caught:
+        if w not in unresolved:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if unresolved:
+        _log.warning(
+            "%d metric pair(s) have NaN tnr_at_tpr/fpr_at_tpr, too few scores to resolve "
+            "tpr=%g; e.g.: %s", len(unresolved), tpr, unresolved[0].message,
+        )  # fmt: skip
+    return tables_
 
 
 def _gather(values: np.ndarray, *, sum_: bool = False) -> np.ndarray:

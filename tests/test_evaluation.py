@@ -169,3 +169,19 @@ def test_non_differentiable_or_logits_only_models(model):
         evaluation.evaluate(outputs_fn, detectors=["knn"], **{**kwargs, "fit_batches": None})
     with pytest.raises(ValueError, match="non-empty mapping"):
         evaluation.evaluate(outputs_fn, **{**kwargs, "ood_batches": {}})
+
+
+def test_docs_example_runs(capsys):
+    """docs/evaluation.md's first example ("your own Flax model, in ten lines") runs."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "evaluation.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "docs/evaluation.md", "exec"), namespace)  # noqa: S102
+    report = namespace["report"]
+    assert report.groups == {"near": ("shifted",), "far": ("noise",)}
+    assert {"mahalanobis", "knn", "min_distance", "odin"} <= set(report.detectors)
+    assert "head_fn" in report.skipped["react"]
+    assert "**far (mean)**" in capsys.readouterr().out
