@@ -161,6 +161,31 @@ def drive(
             spool.close()
 
 
+def rebatch(batches: Iterable[Mapping[str, np.ndarray]], rows: int):
+    """The same rows in batches of exactly ``rows`` (the last one shorter), concatenating across
+    the incoming batches: accumulators then sum in the same order whatever the batch size.
+
+    Example:
+      >>> sizes = [3, 5, 1, 4]
+      >>> parts = ({"x": np.arange(n)} for n in sizes)
+      >>> [len(b["x"]) for b in rebatch(parts, 4)]
+      [4, 4, 4, 1]
+    """
+    pending: list[Mapping[str, np.ndarray]] = []
+    count = 0
+    for batch in batches:
+        pending.append(batch)
+        count += len(next(iter(batch.values())))
+        while count >= rows:
+            joined = {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
+            yield {k: v[:rows] for k, v in joined.items()}
+            rest = {k: v[rows:] for k, v in joined.items()}
+            count -= rows
+            pending = [rest] if count else []
+    if count:
+        yield {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
+
+
 def row_chunks(arrays: Mapping[str, Any], chunk: int) -> list[dict[str, Any]]:
     """``arrays`` (same leading size) cut into a list of batches of ``chunk`` rows (views)."""
     arrays = {k: v for k, v in arrays.items() if v is not None}
@@ -181,6 +206,7 @@ __all__ = [
     "Collect",
     "check_batch",
     "drive",
+    "rebatch",
     "row_chunks",
     "state_dtype",
 ]
