@@ -40,29 +40,16 @@ def _check_common(detector) -> None:
     validation.check_int("chunk", detector.chunk)
 
 
-class _GaussianAccumulator(streaming.Accumulator):
+class _GaussianAccumulator(streaming.LabelledAccumulator):
     """Float64 class moments of a stream of (features, labels); one pass, O(C D + D^2)."""
 
-    inputs = frozenset({"features", "labels"})
-
     def __init__(self, detector, num_classes: int | None, background: bool):
-        self.detector, self.num_classes, self.background = detector, num_classes, background
+        super().__init__(detector, num_classes)
+        self.background = background
         self.moments = gaussian.ClassMoments(num_classes)
-        self.width = self.dtype = None
 
     def update(self, batch, pass_index):
-        x, y = batch["features"], batch["labels"]
-        if self.width is None:
-            self.width, self.dtype = x.shape[1], streaming.state_dtype(x.dtype)
-        elif x.shape[1] != self.width:
-            raise ValueError(
-                f"`features` of a batch has {x.shape[1]} columns; the batches before had "
-                f"{self.width}."
-            )
-        if self.num_classes is not None:
-            validation.validate_labels(y, self.num_classes)
-        elif y.size and y.min() < 0:
-            raise ValueError(f"`labels` must be >= 0; got {int(y.min())}.")
+        x, y = self.labelled(batch)
         if y.size:
             self.moments.update(x, y)
 

@@ -91,30 +91,16 @@ class GMM(Detector):
         return jax.nn.logsumexp(state["log_normalizer"][:, None] - 0.5 * d2, axis=0)
 
 
-class _ClassGaussians(streaming.Accumulator):
+class _ClassGaussians(streaming.LabelledAccumulator):
     """Float64 moments of each class (one :class:`gaussian.ClassMoments` per class); one pass,
     ``O(C D^2)`` memory."""
 
-    inputs = frozenset({"features", "labels"})
-
     def __init__(self, detector: GMM, num_classes: int | None):
-        self.detector, self.num_classes = detector, num_classes
+        super().__init__(detector, num_classes)
         self.moments = [gaussian.ClassMoments(1) for _ in range(num_classes or 0)]
-        self.width = self.dtype = None
 
     def update(self, batch, pass_index):
-        x, y = batch["features"], batch["labels"]
-        if self.width is None:
-            self.width, self.dtype = x.shape[1], streaming.state_dtype(x.dtype)
-        elif x.shape[1] != self.width:
-            raise ValueError(
-                f"`features` of a batch has {x.shape[1]} columns; the batches before had "
-                f"{self.width}."
-            )
-        if self.num_classes is not None:
-            validation.validate_labels(y, self.num_classes)
-        elif y.size and y.min() < 0:
-            raise ValueError(f"`labels` must be >= 0; got {int(y.min())}.")
+        x, y = self.labelled(batch)
         if not y.size:
             return
         while len(self.moments) <= y.max():  # a new class (num_classes not fixed)

@@ -41,13 +41,6 @@ from isomax_jax.detectors.base import Detector, as_matrix, check_labels, check_w
 _HIGHEST = lax.Precision.HIGHEST
 
 
-def _check_columns(name: str, x: np.ndarray, width: int) -> None:
-    if x.shape[1] != width:
-        raise ValueError(
-            f"`{name}` of a batch has {x.shape[1]} columns; the batches before had {width}."
-        )
-
-
 def _check_rows(features: jax.Array, logits: jax.Array) -> None:
     if features.shape[0] != logits.shape[0]:
         raise ValueError(
@@ -132,7 +125,6 @@ class _TypicalPosteriors(streaming.Accumulator):
             width = logits.shape[1]
             self.sums, self.counts = np.zeros((width, width)), np.zeros(width, np.int64)
             self.dtype = streaming.state_dtype(logits.dtype)
-        _check_columns("logits", logits, self.sums.shape[1])
         if not logits.shape[0]:
             return
         p, _ = _softmax64(logits)
@@ -224,8 +216,6 @@ class _ClassPatterns(streaming.Accumulator):
             self.correct = np.zeros(num_classes, np.int64)
             self.seen = np.zeros(num_classes, np.int64)
             self.dtype = streaming.state_dtype(x.dtype)
-        _check_columns("features", x, self.sums.shape[1])
-        _check_columns("logits", logits, self.sums.shape[0])
         validation.validate_labels(y, self.sums.shape[0])
         right = np.argmax(logits, axis=1) == y
         np.add.at(self.sums, y[right], np.asarray(x[right], np.float64))
@@ -370,8 +360,6 @@ class _EnergyBank(streaming.Accumulator):
         if self.width is None:
             self.width, self.dtype = x.shape[1], streaming.state_dtype(x.dtype)
             self.classes = logits.shape[1]
-        _check_columns("features", x, self.width)
-        _check_columns("logits", logits, self.classes)
         x = np.asarray(x, np.float64)
         unit = x / np.maximum(np.sqrt(np.sum(x * x, axis=1)), 1e-12)[:, None]
         _, energy = _softmax64(logits)

@@ -49,6 +49,26 @@ class Accumulator:
         raise NotImplementedError  # pragma: no cover
 
 
+class LabelledAccumulator(Accumulator):
+    """Base of the accumulators of ``(features, labels)`` batches: the state's dtype from the
+    first batch, and the labels below ``num_classes`` when it is fixed (``drive`` has checked
+    the widths and that the labels are ``>= 0``)."""
+
+    inputs = frozenset({"features", "labels"})
+
+    def __init__(self, detector, num_classes: int | None):
+        self.detector, self.num_classes, self.dtype = detector, num_classes, None
+
+    def labelled(self, batch: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``(features, labels)`` of a batch, checked."""
+        x, y = batch["features"], batch["labels"]
+        if self.dtype is None:
+            self.dtype = state_dtype(x.dtype)
+        if self.num_classes is not None:
+            validation.validate_labels(y, self.num_classes)
+        return x, y
+
+
 class Collect(Accumulator):
     """Keeps every batch's inputs and fits on their concatenation (O(N) memory: for the detectors
     whose state is the data, e.g. KNN's bank)."""
@@ -68,8 +88,12 @@ class Collect(Accumulator):
         return self.detector.fit(**arrays, **self.head)
 
 
-def check_batch(batch: Any, needed: frozenset[str], name: str) -> dict[str, np.ndarray]:
-    """The needed inputs of one batch as NumPy arrays, checked (rank, rows, dtype, finiteness)."""
+def check_batch(
+    batch: Any, needed: frozenset[str], name: str, widths: dict[str, int] | None = None
+) -> dict[str, np.ndarray]:
+    """The needed inputs of one batch as NumPy arrays, checked: rank, rows, dtype, finiteness,
+    labels ``>= 0``, and (with ``widths``, filled by the first batch) the same number of columns
+    as the batches before."""
     if not isinstance(batch, Mapping):
         raise TypeError(
             f"`{name}.fit_from` needs batches that are dicts of "
@@ -92,10 +116,19 @@ def check_batch(batch: Any, needed: frozenset[str], name: str) -> dict[str, np.n
             )
         if key == "labels":
             validation.check_integer("labels", array)
+            if array.size and array.min() < 0:
+                raise ValueError(f"`labels` must be >= 0; got {int(array.min())}.")
         else:
             validation.check_floating(key, array)
             if not np.isfinite(array).all():  # on the host: no copy to a device
                 validation.check_finite(key, array)
+        if widths is not None and rank == 2:
+            width = widths.setdefault(key, array.shape[1])
+            if array.shape[1] != width:
+                raise ValueError(
+                    f"`{key}` of a batch has {array.shape[1]} columns; the batches before had "
+                    f"{width}."
+                )
         out[key] = array
     rows = {k: v.shape[0] for k, v in out.items()}
     if len(set(rows.values())) > 1:
@@ -139,10 +172,11 @@ def drive(
     replayable = isinstance(batches, Sequence)
     spool = _Spool() if later and not replayable else None
     spooled = frozenset().union(*(a.inputs for a in later)) if later else frozenset()
+    widths: dict[str, int] = {}
     try:
         seen = 0
         for batch in batches:
-            checked = check_batch(batch, needed, name)
+            checked = check_batch(batch, needed, name, widths)
             for accumulator in accumulators:
                 accumulator.update(checked, 0)
             if spool is not None:
@@ -204,6 +238,7 @@ __all__ = [
     "BATCH_INPUTS",
     "Accumulator",
     "Collect",
+    "LabelledAccumulator",
     "check_batch",
     "drive",
     "rebatch",

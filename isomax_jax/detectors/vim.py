@@ -135,11 +135,6 @@ class _ViMAccumulator(streaming.Accumulator):
                 self.origin = -(np.linalg.pinv(self.k64.T) @ self.b64)
                 self.dtype = streaming.state_dtype(rows.dtype)
                 self.dim = self._principal_dim(rows.shape[1])
-            elif rows.shape[1] != self.origin.shape[0]:
-                raise ValueError(
-                    f"`features` of a batch has {rows.shape[1]} columns; the batches before had "
-                    f"{self.origin.shape[0]}."
-                )
             self.moments.update(rows, np.zeros(rows.shape[0], np.int64))
             return
         if self.null_space is None:  # the first batch of the second pass

@@ -92,11 +92,6 @@ class _MeanAccumulator(streaming.Accumulator):
                 )
             self.total = np.zeros(rows.shape[1], np.float64)
             self.dtype = streaming.state_dtype(rows.dtype)
-        elif rows.shape[1] != self.total.shape[0]:
-            raise ValueError(
-                f"`features` of a batch has {rows.shape[1]} columns; the batches before had "
-                f"{self.total.shape[0]}."
-            )
         self.total += np.sum(rows, axis=0, dtype=np.float64)
         self.count += rows.shape[0]
 
