@@ -27,6 +27,13 @@ def key():
     return jax.random.key(0)
 
 
+@pytest.fixture
+def x64():
+    """JAX float64 for the test (reference checks to 1e-10 and beyond)."""
+    with jax.enable_x64(True):
+        yield
+
+
 @pytest.fixture(scope="session")
 def shared_tfds_dir() -> pathlib.Path:
     """Read-only prepared TFDS datasets (CIFAR-10, MNIST)."""

@@ -51,8 +51,8 @@ __version__ = "0.1.0"
 
 #: Subpackages and modules imported on first attribute access (``isomax_jax.nnx`` ...).
 _LAZY = frozenset({
-    "calibration", "checkpointing", "data", "distances", "distributed", "heads", "losses",
-    "models", "nnx", "parallel", "registry", "torch_import", "train", "validation",
+    "calibration", "checkpointing", "data", "distances", "distributed", "evaluation", "heads",
+    "losses", "models", "nnx", "parallel", "registry", "torch_import", "train", "validation",
 })  # fmt: skip
 
 

@@ -6,45 +6,27 @@ that round-trips through a checkpoint; and every bad input the API promises to r
 """
 
 import chex
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from detector_helpers import (
+    B,
+    C,
+    D,
+    N,
+    check_vmap_and_checkpoint,
+    fit_score,
+    head_fn_of,
+    make_data,
+)
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from isomax_jax import detectors, scores
 from isomax_jax.detectors import chunked, gaussian
 
-N, D, C, B = 120, 8, 4, 20
 F64 = dict(rtol=1e-10, atol=1e-12)
 F32 = dict(rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
-def make_data(seed=0, dtype=np.float64):
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(C, D)) * 2
-    labels = np.arange(N) % C
-    train = np.abs(centers[labels] + rng.normal(size=(N, D)))
-    test = np.abs(rng.normal(size=(B, D)) * 2)
-    kernel = rng.normal(size=(D, C)) / np.sqrt(D)
-    bias = rng.normal(size=(C,)) * 0.1
-    cast = lambda x: x.astype(dtype)  # noqa: E731
-    return dict(
-        features=cast(train), labels=labels, logits=cast(train @ kernel + bias), test=cast(test),
-        test_logits=cast(test @ kernel + bias), kernel=cast(kernel), bias=cast(bias),
-    )  # fmt: skip
-
-
-def head_fn_of(data):
-    kernel, bias = jnp.asarray(data["kernel"]), jnp.asarray(data["bias"])
-    return lambda f: f @ kernel + bias[None, :]
 
 
 # -- NumPy references ----------------------------------------------------------------------------
@@ -149,17 +131,8 @@ REFERENCES = {
 HPARAMS = {"odin": {"eps": 0.0}}
 
 
-def _fit_score(name, data, *, dtype_scores=True, **hparams):
-    det = detectors.get(name, **{**HPARAMS.get(name, {}), **hparams})
-    state = det.fit(
-        features=data["features"], logits=data["logits"], labels=data["labels"],
-        kernel=data["kernel"], bias=data["bias"],
-    )  # fmt: skip
-    inputs = dict(
-        features=data["test"], logits=data["test_logits"], head_fn=head_fn_of(data),
-        kernel=data["kernel"], bias=data["bias"],
-    )  # fmt: skip
-    return det, state, inputs
+def _fit_score(name, data, **hparams):
+    return fit_score(name, data, {**HPARAMS.get(name, {}), **hparams})
 
 
 def test_names_titles_inputs():
@@ -283,36 +256,7 @@ def test_float32_vmap_and_checkpoint(name):
         assert np.all(np.abs(np.float64(got) - expected) <= bound), (got - expected, bound)
     else:
         np.testing.assert_allclose(got, expected, **F32)
-    # vmap over three stacked OOD sets == one call per set
-    head_fn = inputs.pop("head_fn")
-    sets = {
-        k: np.stack([inputs[k], inputs[k][::-1], inputs[k] * 0.5]) for k in ("features", "logits")
-    }
-    per_set = jax.vmap(
-        lambda f, z: det.score(
-            state,
-            features=f,
-            logits=z,
-            head_fn=head_fn,
-            kernel=inputs["kernel"],
-            bias=inputs["bias"],
-        )
-    )
-    stacked = per_set(sets["features"], sets["logits"])
-    for i in range(3):
-        one = det.score(
-            state,
-            features=sets["features"][i],
-            logits=sets["logits"][i],
-            head_fn=head_fn,
-            kernel=inputs["kernel"],
-            bias=inputs["bias"],
-        )
-        np.testing.assert_allclose(stacked[i], one, rtol=1e-5, atol=1e-6)
-    # the state is a pytree of arrays that round-trips through a checkpoint
-    restored = flax.serialization.msgpack_restore(flax.serialization.msgpack_serialize(state))
-    again = det.score(restored, head_fn=head_fn, **inputs)
-    np.testing.assert_array_equal(again, got)
+    check_vmap_and_checkpoint(det, state, inputs)
 
 
 @pytest.mark.parametrize("name", ["mahalanobis", "knn", "vim", "react", "entropic"])

@@ -9,11 +9,11 @@ uneven batches from a list and a generator; and the bad inputs each one rejects.
 """
 
 import chex
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from detector_helpers import check_float32_within_bound
 from scipy import special, stats
 
 from isomax_jax import detectors
@@ -22,12 +22,6 @@ from isomax_jax.detectors import mixture, patterns
 N, D, C, B = 120, 8, 4, 20
 F64 = dict(rtol=1e-10, atol=1e-12)
 NAMES = ("kl_matching", "she", "nnguide", "gmm")
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
 
 
 def make_data(seed=0, dtype=np.float64):
@@ -283,25 +277,8 @@ def test_float32_within_error_bound_vmap_and_checkpoint(name):
     det, state, inputs = fit_score(name, data)
     data64 = as64(data)
     x, z = data64["test"], data64["test_logits"]
-    expected = REFERENCES[name](data64, x, z)
-    got = det.score(state, **inputs)
-    assert got.dtype == jnp.float32
-    bound = float32_error_bound(name, state, data64, x, z)
-    error = np.abs(np.float64(got) - expected)
-    assert np.all(error <= bound), (error, bound)
-    assert np.max(bound / (np.abs(expected) + 1)) < 1e-4  # the bound is not vacuous
-    # vmap over three stacked OOD sets == one call per set
-    sets = {k: np.stack([v, v[::-1], v * 0.5]) for k, v in inputs.items()}
-    stacked = jax.vmap(lambda f, lg: det.score(state, features=f, logits=lg))(
-        sets["features"], sets["logits"]
-    )
-    for i in range(3):
-        one = det.score(state, features=sets["features"][i], logits=sets["logits"][i])
-        np.testing.assert_allclose(stacked[i], one, rtol=1e-6, atol=1e-6 * np.abs(one).max())
-    # the state is a pytree of arrays that round-trips through a checkpoint
-    restored = flax.serialization.msgpack_restore(flax.serialization.msgpack_serialize(state))
-    chex.assert_trees_all_equal(restored, jax.tree.map(np.asarray, state))
-    np.testing.assert_array_equal(det.score(restored, **inputs), got)
+    expected, bound = REFERENCES[name](data64, x, z), float32_error_bound(name, state, data64, x, z)
+    check_float32_within_bound(det, state, inputs, expected, bound)
 
 
 @pytest.mark.parametrize("name", NAMES)

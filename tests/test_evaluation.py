@@ -60,12 +60,6 @@ def model():
     return outputs_fn, dict(kernel=params["kernel"], bias=params["bias"], head_fn=head_fn)
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def test_evaluator_equals_detectors_and_metrics_by_hand(model, x64):
     """In float64, so that the sharded, padded forward pass and one plain call agree to 1e-12
     (in float32 they differ in the last bit, which RMD's cancellation amplifies)."""

@@ -1,4 +1,5 @@
-"""Importing isomax_jax (and its core modules) must not import tensorflow or torch."""
+"""Importing isomax_jax (and its core modules) must not import tensorflow or torch, nor start
+XLA; its subpackages are attributes of the package."""
 
 import subprocess
 import sys
@@ -7,23 +8,26 @@ CORE = [
     "distances", "losses", "heads", "nnx", "scores", "calibration", "validation", "detectors",
     "registry", "metrics", "thresholds", "tables", "train", "parallel", "models",
     "checkpointing", "distributed", "torch_import", "detector_format", "run_metadata", "locking",
-    "fingerprints",
+    "fingerprints", "evaluation", "progress",
 ]  # fmt: skip
+HEAVY = (
+    "heavy = sorted(m for m in ('tensorflow', 'torch', 'tensorflow_datasets')"
+    " if m in sys.modules)\n"
+    "print(','.join(heavy))\n"
+)
+
+
+def _printed(code: str) -> str:
+    """What ``code`` prints, run in a fresh interpreter."""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    return result.stdout.strip()
 
 
 def test_import_does_not_pull_tensorflow_or_torch():
     modules = ", ".join(f"isomax_jax.{m}" for m in CORE)
-    code = (
-        "import sys, isomax_jax\n"
-        f"import {modules}\n"
-        "heavy = sorted(m for m in ('tensorflow', 'torch', 'tensorflow_datasets') "
-        "if m in sys.modules)\n"
-        "print(','.join(heavy))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
-    assert result.stdout.strip() == "", f"heavy modules imported: {result.stdout.strip()}"
+    assert _printed(f"import sys, isomax_jax\nimport {modules}\n{HEAVY}") == ""
 
 
 def test_subpackages_are_attributes_without_heavy_imports():
@@ -35,14 +39,8 @@ def test_subpackages_are_attributes_without_heavy_imports():
         "assert callable(isomax_jax.models.get_model)\n"
         "assert callable(isomax_jax.torch_import.load_torch_checkpoint)\n"
         "assert callable(isomax_jax.train.train_step) and 'nnx' in dir(isomax_jax)\n"
-        "heavy = sorted(m for m in ('tensorflow', 'torch', 'tensorflow_datasets') "
-        "if m in sys.modules)\n"
-        "print(','.join(heavy))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
-    assert result.stdout.strip() == "", f"heavy modules imported: {result.stdout.strip()}"
+    assert _printed(code + HEAVY) == ""
 
 
 def test_import_does_not_start_xla():
@@ -55,7 +53,4 @@ def test_import_does_not_start_xla():
         "[detectors.get(n) for n in detectors.NAMES]\n"
         "print(bool(xla_bridge._backends))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
-    assert result.stdout.strip() == "False", result.stdout + result.stderr
+    assert _printed(code) == "False"

@@ -111,12 +111,6 @@ PAD = 1024  # every case padded to one length: one compilation serves all cases
 TPRS = (0.95, 0.05, 0.5, 0.8, 0.9, 0.99, 1.5)  # 1.5: invalid, NaN under jit
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def _np(metrics):
     return {k: float(v) for k, v in metrics.items()}
 

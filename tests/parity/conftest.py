@@ -106,3 +106,28 @@ def torch_cpu(monkeypatch):
 def reference(torch_cpu):
     """The ``robust_deep_learning`` package (imported with the CPU patches active)."""
     return pytest.importorskip("robust_deep_learning")
+
+
+@pytest.fixture
+def torch_float64(pytorch_ood):
+    """torch's default dtype float64 for the test (pytorch-ood allocates with it)."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.fixture
+def float_keeps_float64(monkeypatch, torch_float64):
+    """``Tensor.float()`` keeps float64 tensors, so the pytorch-ood detectors that cast to
+    float32 (ViM, DICE, fDBD, NNGuide) run in float64."""
+    import torch
+
+    original = torch.Tensor.float
+
+    def float_(self, *args, **kwargs):
+        return self if self.dtype == torch.float64 else original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "float", float_)

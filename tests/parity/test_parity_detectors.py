@@ -13,13 +13,12 @@ from the paper, the test checks the exact documented relation (``docs/detectors.
   probability is clamped by its ``[1e-7, 1 - 1e-7]`` clip; entropy: ``ours = -reference`` where no
   probability is below its ``1e-7`` clip (beyond the clip ours is exact and it is not: tested).
 
-pytorch-ood's ViM casts everything to float32 (``Tensor.float()``); the ``float64_vim`` fixture
-makes ``float()`` keep float64 tensors so its own code runs in float64. Its Mahalanobis allocates
-with torch's default dtype, set to float64 for those tests.
+pytorch-ood's ViM casts everything to float32 (``Tensor.float()``); the ``float_keeps_float64``
+fixture (conftest.py) makes ``float()`` keep float64 tensors so its own code runs in float64.
+Its Mahalanobis allocates with torch's default dtype, set to float64 for those tests.
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -28,71 +27,7 @@ from isomax_jax import detectors
 
 torch = pytest.importorskip("torch")
 
-RTOL = 1e-6
-
-
-def assert_close(actual, expected, *, rtol=RTOL):
-    """``|a - e| <= rtol * |e| + rtol * max|e|`` elementwise (scores may cross 0)."""
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert np.all(np.isfinite(actual)) and np.all(np.isfinite(expected))
-    scale = float(np.max(np.abs(expected)))
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
-
-
-def relative_error(actual, expected) -> float:
-    """``max |a - e| / max |e|`` (reported by ``docs/detectors.md``)."""
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
-@pytest.fixture
-def torch_float64(pytorch_ood):
-    """torch's default dtype float64 for the test (pytorch-ood allocates with it)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
-@pytest.fixture
-def float64_vim(monkeypatch, torch_float64):
-    """``Tensor.float()`` keeps float64 tensors, so pytorch-ood's ViM runs in float64."""
-    original = torch.Tensor.float
-
-    def float_(self, *args, **kwargs):
-        return self if self.dtype == torch.float64 else original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "float", float_)
-
-
-def make_data(seed=0, n=400, d=16, c=5, b=64):
-    """Class-structured non-negative float64 features (like pooled ReLU ones), a linear head."""
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(c, d)) * 2.0
-    labels = np.arange(n) % c
-    train = np.abs(centers[labels] + rng.normal(size=(n, d)))
-    test_in = np.abs(centers[np.arange(b // 2) % c] + rng.normal(size=(b // 2, d)))
-    test_out = np.abs(rng.normal(size=(b - b // 2, d)) * 3.0)
-    kernel = rng.normal(size=(d, c)) / np.sqrt(d)
-    bias = rng.normal(size=(c,)) * 0.1
-    return dict(
-        train=train, labels=labels, test=np.concatenate([test_in, test_out]), kernel=kernel,
-        bias=bias,
-    )  # fmt: skip
-
-
-def t(x):
-    return torch.from_numpy(np.asarray(x))
-
+from .helpers import RTOL, assert_close, jax_head, make_data, t, torch_head  # noqa: E402
 
 # -- logit detectors ---------------------------------------------------------------------------
 
@@ -197,7 +132,7 @@ def test_knn(pytorch_ood, x64, k, normalize):
     assert_close(det.score(state, features=data["test"]), -expected)
 
 
-def test_vim(pytorch_ood, x64, float64_vim):
+def test_vim(pytorch_ood, x64, float_keeps_float64):
     data = make_data(seed=4, d=24, c=6)
     w, b = data["kernel"].T.copy(), data["bias"]
     dim = 12  # our default rule for D = 24 (< 768): D // 2
@@ -212,40 +147,28 @@ def test_vim(pytorch_ood, x64, float64_vim):
     assert_close(det.score(state, features=data["test"], **head), -expected)
 
 
-def _torch_head(data):
-    kernel, bias = t(data["kernel"]), t(data["bias"])
-    return lambda x: x.flatten(1) @ kernel + bias
-
-
-def _jax_head(data):
-    kernel, bias = jnp.asarray(data["kernel"]), jnp.asarray(data["bias"])
-    return lambda x: x @ kernel + bias[None, :]
-
-
 @pytest.mark.parametrize("percentile", [90.0, 65.0])
 def test_react(pytorch_ood, x64, percentile):
     data = make_data(seed=5)
-    reference = pytorch_ood.detector.ReAct(
-        None, head=_torch_head(data), percentile=percentile / 100
-    )
+    reference = pytorch_ood.detector.ReAct(None, head=torch_head(data), percentile=percentile / 100)
     reference.fit_feature_maps(t(data["train"]), t(data["labels"]))
     expected = reference.predict_feature_maps(t(data["test"])).numpy()
     det = detectors.get("react", percentile=percentile, chunk=64)
     state = det.fit(features=data["train"])
     np.testing.assert_allclose(float(state["threshold"]), reference.threshold, rtol=1e-12)
-    assert_close(det.score(state, features=data["test"], head_fn=_jax_head(data)), -expected)
+    assert_close(det.score(state, features=data["test"], head_fn=jax_head(data)), -expected)
 
 
 @pytest.mark.parametrize("percentile", [90.0, 65.0])
 def test_ash(pytorch_ood, x64, percentile):
     data = make_data(seed=6, d=40)
     reference = pytorch_ood.detector.ASH(
-        None, head=_torch_head(data), variant="ash-s", percentile=percentile / 100
+        None, head=torch_head(data), variant="ash-s", percentile=percentile / 100
     )
     maps = t(data["test"])[:, :, None, None]  # pytorch-ood's ASH wants [B, D, 1, 1]
     expected = reference.predict_feature_maps(maps).numpy()
     det = detectors.get("ash", percentile=percentile)
-    got = det.score(det.fit(), features=data["test"], head_fn=_jax_head(data))
+    got = det.score(det.fit(), features=data["test"], head_fn=jax_head(data))
     assert_close(got, -expected)
 
 

@@ -7,13 +7,12 @@ relation is ``ours = -reference``:
 * KL-Matching and SHE: the same formulas (the papers'), also when a class is never predicted
   (both leave it out of KL-Matching's minimum).
 * NNGuide: pytorch-ood casts the features to float32 (``Tensor.float()``) before building its
-  bank; the ``float64_float`` fixture makes ``float()`` keep float64 tensors so its own code runs
-  in float64 (as the ViM parity test does).
+  bank; the ``float_keeps_float64`` fixture makes ``float()`` keep float64 tensors so its own
+  code runs in float64 (as the ViM parity test does).
 * GMM: pytorch-ood always adds ``reg * I`` (``1e-6``) to each class covariance; ours adds
   ``ridge * I`` (default 0: the pseudo-inverse rule) -> ``ridge = 1e-6`` gives the relation.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,50 +21,7 @@ from isomax_jax import detectors
 
 torch = pytest.importorskip("torch")
 
-RTOL = 1e-6
-
-
-def assert_close(actual, expected, *, rtol=RTOL):
-    """``|a - e| <= rtol * |e| + rtol * max|e|`` elementwise (scores may cross 0)."""
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert np.all(np.isfinite(actual)) and np.all(np.isfinite(expected))
-    scale = float(np.max(np.abs(expected)))
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
-
-
-def relative_error(actual, expected) -> float:
-    """``max |a - e| / max |e|`` (reported by ``docs/detectors.md``)."""
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
-@pytest.fixture
-def torch_float64(pytorch_ood):
-    """torch's default dtype float64 for the test (pytorch-ood allocates with it)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
-@pytest.fixture
-def float64_float(monkeypatch, torch_float64):
-    """``Tensor.float()`` keeps float64 tensors, so pytorch-ood's NNGuide runs in float64."""
-    original = torch.Tensor.float
-
-    def float_(self, *args, **kwargs):
-        return self if self.dtype == torch.float64 else original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "float", float_)
+from .helpers import assert_close, t  # noqa: E402
 
 
 def make_data(seed=0, n=400, d=16, c=5, b=64):
@@ -82,10 +38,6 @@ def make_data(seed=0, n=400, d=16, c=5, b=64):
         train=train, labels=labels, test=np.concatenate([test_in, test_out]), kernel=kernel,
         bias=bias,
     )  # fmt: skip
-
-
-def t(x):
-    return torch.from_numpy(np.asarray(x))
 
 
 def torch_head(data):
@@ -132,7 +84,7 @@ def test_she(pytorch_ood, x64):
 
 
 @pytest.mark.parametrize("k, bank_chunk, query_chunk", [(10, 8192, 1024), (3, 96, 24), (50, 7, 5)])
-def test_nnguide(pytorch_ood, x64, float64_float, k, bank_chunk, query_chunk):
+def test_nnguide(pytorch_ood, x64, float_keeps_float64, k, bank_chunk, query_chunk):
     data = make_data(seed=3)
     reference = pytorch_ood.detector.NNGuide(None, head=torch_head(data), k=k)
     reference.fit_features(t(data["train"]), t(data["labels"]), batch_size=128)

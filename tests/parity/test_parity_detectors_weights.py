@@ -16,8 +16,6 @@ pytorch-ood's DICE and fDBD cast to float32 (``Tensor.float()``); the ``float_ke
 fixture makes ``float()`` keep float64 tensors so that their own code runs in float64.
 """
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -25,79 +23,7 @@ from isomax_jax import detectors
 
 torch = pytest.importorskip("torch")
 
-RTOL = 1e-6
-
-
-def assert_close(actual, expected, *, rtol=RTOL):
-    """``|a - e| <= rtol * |e| + rtol * max|e|`` elementwise (scores may cross 0)."""
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert np.all(np.isfinite(actual)) and np.all(np.isfinite(expected))
-    scale = float(np.max(np.abs(expected)))
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
-
-
-def relative_error(actual, expected) -> float:
-    """``max |a - e| / max |e|`` (reported by ``docs/detectors.md``)."""
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
-@pytest.fixture
-def torch_float64(pytorch_ood):
-    """torch's default dtype float64 for the test (pytorch-ood allocates with it)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
-@pytest.fixture
-def float_keeps_float64(monkeypatch, torch_float64):
-    """``Tensor.float()`` keeps float64 tensors, so pytorch-ood's DICE and fDBD run in float64."""
-    original = torch.Tensor.float
-
-    def float_(self, *args, **kwargs):
-        return self if self.dtype == torch.float64 else original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "float", float_)
-
-
-def make_data(seed=0, n=400, d=16, c=5, b=64):
-    """Class-structured non-negative float64 features (like pooled ReLU ones), a linear head."""
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(c, d)) * 2.0
-    labels = np.arange(n) % c
-    train = np.abs(centers[labels] + rng.normal(size=(n, d)))
-    test_in = np.abs(centers[np.arange(b // 2) % c] + rng.normal(size=(b // 2, d)))
-    test_out = np.abs(rng.normal(size=(b - b // 2, d)) * 3.0)
-    kernel = rng.normal(size=(d, c)) / np.sqrt(d)
-    bias = rng.normal(size=(c,)) * 0.1
-    test = np.concatenate([test_in, test_out])
-    return dict(train=train, labels=labels, test=test, kernel=kernel, bias=bias,
-                test_logits=test @ kernel + bias)  # fmt: skip
-
-
-def t(x):
-    return torch.from_numpy(np.asarray(x))
-
-
-def _torch_head(data):
-    kernel, bias = t(data["kernel"]), t(data["bias"])
-    return lambda x: x.flatten(1) @ kernel + bias
-
-
-def _jax_head(data):
-    kernel, bias = jnp.asarray(data["kernel"]), jnp.asarray(data["bias"])
-    return lambda x: x @ kernel + bias[None, :]
+from .helpers import assert_close, jax_head, make_data, t, torch_head  # noqa: E402
 
 
 def _torch_linear(data):
@@ -113,13 +39,11 @@ def _torch_linear(data):
 @pytest.mark.parametrize("percentile", [85.0, 65.0])
 def test_scale(pytorch_ood, x64, percentile):
     data = make_data(seed=11, d=40)
-    reference = pytorch_ood.detector.SCALE(
-        None, head=_torch_head(data), percentile=percentile / 100
-    )
+    reference = pytorch_ood.detector.SCALE(None, head=torch_head(data), percentile=percentile / 100)
     maps = t(data["test"])[:, :, None, None]  # pytorch-ood's SCALE wants [B, D, H, W]
     expected = reference.predict_feature_maps(maps).numpy()
     det = detectors.get("scale", percentile=percentile)
-    got = det.score(det.fit(), features=data["test"], head_fn=_jax_head(data))
+    got = det.score(det.fit(), features=data["test"], head_fn=jax_head(data))
     assert_close(got, -expected)
 
 
