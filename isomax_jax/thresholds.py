@@ -41,71 +41,22 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from isomax_jax import detector_format, validation
 from isomax_jax import detectors as _detectors
 from isomax_jax import metrics as _metrics
+from isomax_jax.metrics import fit_threshold as fit_threshold
 
-#: Every detector a threshold can be fitted on from logits alone (so a new logit detector is
-#: available here with no change), plus the aliases of :data:`isomax_jax.detectors.ALIASES`.
+#: Every detector a threshold can be fitted on from logits alone, with nothing to fit first (so a
+#: new logit detector is available here with no change), plus the aliases of
+#: :data:`isomax_jax.detectors.ALIASES`. Any other detector deploys with :meth:`OODDetector.fit`.
 SCORE_NAMES: tuple[str, ...] = tuple(
     name
     for name in _detectors.NAMES
-    if _detectors.get(name).inputs == {"logits"} and not _detectors.get(name).needs_images
+    if _detectors.get(name).inputs == {"logits"}
+    and not (_detectors.get(name).needs_images or _detectors.get(name).fit_inputs)
 ) + tuple(_detectors.ALIASES)
 _INPUTS = ("logits", "features")  # the per-example score inputs (1-D: one input)
-
-
-@jax.jit
-def _fit(scores, mask, tpr):
-    dtype = scores.dtype
-    tpr = jnp.asarray(tpr, dtype)
-    scores, mask, tpr = lax.optimization_barrier((scores, mask, tpr))  # see metrics._ood_metrics
-    n = jnp.sum(mask, dtype=jnp.int32)
-    ok = jnp.all(jnp.isfinite(scores) | ~mask) & (n > 0) & (tpr > 0) & (tpr < 1)
-    m = _metrics.first_count_reaching(jnp.maximum(n, 1), tpr, dtype)  # accept >= m of n
-    ascending = jnp.sort(jnp.where(mask, scores, -jnp.inf))  # padding first
-    threshold = ascending[jnp.clip(scores.shape[0] - m, 0, scores.shape[0] - 1)]
-    return jnp.where(ok, threshold, jnp.nan)
-
-
-def fit_threshold(
-    in_scores: jax.typing.ArrayLike,
-    *,
-    tpr: float | jax.typing.ArrayLike = 0.95,
-    in_mask: jax.typing.ArrayLike | None = None,
-) -> jax.Array:
-    """Threshold that accepts a fraction ``tpr`` of in-distribution validation inputs.
-
-    An input is classified in-distribution when ``score >= threshold``. The threshold is the
-    ``m``-th largest validation score, with ``m`` the smallest count such that ``m / n >= tpr``:
-    the largest threshold that accepts at least ``tpr`` of the ``n`` validation scores (exactly
-    ``m`` of them without ties; ties at the threshold are all accepted).
-
-    Args:
-      in_scores: [n] float in-distribution validation scores (higher = more in-distribution).
-      tpr: target fraction of in-distribution inputs to accept, in (0, 1).
-      in_mask: optional [n] boolean mask; False marks padding.
-
-    Returns:
-      A float scalar (float32, or float64 for float64 input with x64). Under ``jit``, NaN for
-      NaN/inf unmasked scores, an all-masked set or ``tpr`` outside (0, 1).
-
-    Raises:
-      TypeError, ValueError: as :func:`isomax_jax.metrics.ood_metrics` for the same inputs.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from isomax_jax.thresholds import fit_threshold
-      >>> fit_threshold(jnp.arange(20.0), tpr=0.95)  # 19 of 20 scores are >= 1
-      Array(1., dtype=float32)
-    """
-    scores, mask = _metrics.prepare_scores(in_scores, in_mask, "in_scores", "in_mask")
-    _metrics.check_tpr(tpr)
-    if validation.is_concrete(scores, mask):
-        _metrics.check_score_values(scores, mask, "in_scores", "in_mask")
-    return _fit(scores, mask, tpr)
 
 
 class OODDetector:

@@ -8,7 +8,7 @@ CORE = [
     "distances", "losses", "heads", "nnx", "scores", "calibration", "validation", "detectors",
     "registry", "metrics", "thresholds", "tables", "train", "parallel", "models",
     "checkpointing", "distributed", "torch_import", "detector_format", "run_metadata", "locking",
-    "fingerprints", "evaluation", "progress",
+    "fingerprints", "evaluation", "progress", "ood_report", "sweeps",
 ]  # fmt: skip
 HEAVY = (
     "heavy = sorted(m for m in ('tensorflow', 'torch', 'tensorflow_datasets')"
