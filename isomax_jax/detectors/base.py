@@ -208,10 +208,10 @@ class Detector:
         Returns:
           The state :meth:`fit` gives on all the rows (to float32 precision for Mahalanobis, RMD
           and ViM, whose statistics accumulate in float64; exactly for KNN and ReAct). Memory is
-          ``O(state)`` (one batch at a time), except KNN, whose state is the data; ViM and ReAct
-          read the data twice (a list twice, anything else through a disk spool:
-          :mod:`isomax_jax.detectors.streaming`). Without ``num_classes``, Mahalanobis and RMD
-          take ``max(label) + 1`` classes.
+          ``O(state)`` (one batch at a time), except KNN and NNGuide, whose state is the data (the
+          bank); ViM and ReAct read the data twice (a list twice, anything else through a disk
+          spool: :mod:`isomax_jax.detectors.streaming`). Without ``num_classes``, Mahalanobis,
+          RMD and GMM take ``max(label) + 1`` classes.
 
         Raises:
           ValueError, TypeError: as :meth:`fit`, for the first bad batch.
