@@ -145,7 +145,10 @@ def evaluate(
         accumulators = {d.name: d.accumulator(**head_inputs) for d in fitting}
         with Progress("outputs of the training split", None, unit="batch", enabled=show) as bar:
             outputs = streaming.rebatch(forward.fit_batches(fit_batches, bar), FIT_CHUNK)
-            streaming.drive(list(accumulators.values()), outputs, "evaluate")
+            try:
+                streaming.drive(list(accumulators.values()), outputs, "evaluate")
+            except ValueError as err:
+                raise ValueError(f"the training split (`fit_batches`): {err}") from err
         for name, accumulator in accumulators.items():
             try:
                 states[name] = accumulator.finalize()
@@ -285,6 +288,7 @@ class _Forward:
                     kept += len(images[-1])
                 bar.update(1)
         outputs = {"logits": np.concatenate(logits), "features": np.concatenate(features)}
+        _check_outputs(name, outputs)
         scores = {}
         for det in detectors:
             if det.needs_images:
@@ -308,6 +312,20 @@ class _Forward:
                 for c in chunks
             ]  # fmt: skip
         )
+
+
+def _check_outputs(name: str, outputs: Mapping[str, np.ndarray]) -> None:
+    """A clear error before any score or metric when a set's outputs hold NaN/inf (NaN images
+    from a pipeline, a diverged model), naming the set."""
+    for key, values in outputs.items():
+        bad = ~np.isfinite(values).all(axis=1) if values.size else np.zeros(0, bool)
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"set {name!r}: {int(bad.sum())} of {len(bad)} examples give non-finite {key} "
+                f"(NaN/inf), the first at index {first} of this process's examples: NaN or inf "
+                "images from the input pipeline, or a diverged model."
+            )
 
 
 class _Chain:

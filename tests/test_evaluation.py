@@ -179,3 +179,26 @@ def test_docs_example_runs(capsys):
     assert {"mahalanobis", "knn", "min_distance", "odin"} <= set(report.detectors)
     assert "head_fn" in report.skipped["react"]
     assert "**far (mean)**" in capsys.readouterr().out
+
+
+def test_nan_images_are_an_error_naming_the_set(model):
+    """Issue 20.4: NaN/inf inputs from a user's pipeline give a clear error before any metric,
+    naming the set (the training split included)."""
+    outputs_fn, head = model
+    train, test, ood = make_set(0, 30), make_set(1, 24), make_set(2, 24, ood=True)
+    bad = ood[0].copy()
+    bad[5, 0, 0, 0] = np.nan
+    kwargs = dict(head="softmax", detectors=["msp", "knn"], progress=False)
+    with pytest.raises(ValueError, match=r"set 'noisy': 1 of 24 examples give non-finite logits"):
+        evaluation.evaluate(
+            outputs_fn, fit_batches=batched(*train, (30,)), id_batches=batched(*test, (24,)),
+            ood_batches={"noisy": batched(bad, ood[1], (24,), False)}, **kwargs,
+        )  # fmt: skip
+    train_bad = train[0].copy()
+    train_bad[3] = np.inf
+    with pytest.raises(ValueError, match=r"the training split \(`fit_batches`\): `features`"):
+        evaluation.evaluate(
+            outputs_fn, fit_batches=batched(train_bad, train[1], (30,)),
+            id_batches=batched(*test, (24,)), ood_batches={"o": batched(*ood, (24,), False)},
+            **kwargs,
+        )  # fmt: skip
