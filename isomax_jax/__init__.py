@@ -47,7 +47,7 @@ from isomax_jax.thresholds import OODDetector as OODDetector
 from isomax_jax.thresholds import fit_threshold as fit_threshold
 from isomax_jax.validation import validate_labels as validate_labels
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: Subpackages and modules imported on first attribute access (``isomax_jax.nnx`` ...).
 _LAZY = frozenset({
