@@ -123,10 +123,18 @@ def _squared_distance_reduce(features: jax.Array, prototypes: jax.Array) -> jax.
     return jnp.sum(jnp.square(diff), axis=-1)
 
 
-def _squared_distance_at(features: jax.Array, prototypes: jax.Array, index: jax.Array):
-    """Subtract-square-reduce for the pairs ``(i, index[i, m])``: ``[batch, k]``."""
-    diff = features[:, None, :] - _rows(prototypes, index)
+def _squared_distance_at(
+    features: jax.Array, prototypes: jax.Array, index: jax.Array, norm: jax.Array | None = None
+):
+    """Subtract-square-reduce for the pairs ``(i, index[i, m])``: ``[batch, k]`` (``norm``: the
+    prototypes' rows divided by it, as :func:`l2_normalize` would)."""
+    diff = features[:, None, :] - _prototype_rows(prototypes, index, norm)
     return jnp.sum(jnp.square(diff), axis=-1)
+
+
+def _prototype_rows(prototypes: jax.Array, index: jax.Array, norm: jax.Array | None):
+    rows = _rows(prototypes, index)
+    return rows if norm is None else rows / _rows(norm, index)[..., None]
 
 
 def _rows(x: jax.Array, index: jax.Array) -> jax.Array:
@@ -134,34 +142,59 @@ def _rows(x: jax.Array, index: jax.Array) -> jax.Array:
     return x.at[index].get(mode="promise_in_bounds")
 
 
-def _squared_distance(features: jax.Array, prototypes: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _unit_norm(prototypes: jax.Array) -> jax.Array:
+    """``max(||p_j||, 1e-12)``, ``[C]``: the divisor :func:`l2_normalize` uses, so that the rows
+    ``p_j / norm_j`` formed here are bit for bit the rows it would materialise."""
+    return jnp.maximum(safe_sqrt(jnp.sum(jnp.square(prototypes), axis=1)), 1e-12)
+
+
+def _squared_distance(
+    features: jax.Array, prototypes: jax.Array, unit: bool = False
+) -> tuple[jax.Array, jax.Array]:
     """Squared distances ``[B, C]`` (the exact rule of the module docstring) and the ``[B, k]``
-    indices recomputed by subtract-square-reduce in every row."""
+    indices recomputed by subtract-square-reduce in every row.
+
+    ``unit=True``: the distances to the L2-normalised prototypes ``p_j / max(||p_j||, 1e-12)``,
+    without materialising them (a ``[C, D]`` array): the matrix product runs on the raw
+    prototypes and is divided by the norms, and the recomputed rows are normalised as they are
+    gathered. The extra roundings (one division per product, two per squared norm) are covered
+    by ``gamma_{D+5}`` in place of ``gamma_{D+3}``.
+    """
     batch, dim = features.shape
     k = min(EXACT_PER_ROW, prototypes.shape[0])
-    gamma = _gamma(dim + 3, features.dtype)
+    norm = _unit_norm(prototypes) if unit else None
+    gamma = _gamma(dim + (5 if unit else 3), features.dtype)
     # Accept where d~^2 >= (||f|| + ||p||)^2 * (1/K + gamma) * (1 + 2 gamma).
     threshold = (1 / CANCELLATION_LIMIT + gamma) * (1 + 2 * gamma)
+
+    def full():  # subtract-square-reduce of every pair (fused: no [B, C, D] array)
+        if norm is None:
+            return _squared_distance_reduce(features, prototypes)
+        # ||f - p / n||^2 = ||f n - p||^2 / n^2: the same accuracy (each difference rounded
+        # once), and nothing of size [C, D] to materialise before the fused reduction.
+        diff = features[:, None, :] * norm[None, :, None] - prototypes[None, :, :]
+        return jnp.sum(jnp.square(diff), axis=-1) / jnp.square(norm)[None, :]
+
     if not threshold < 1:  # the bound is void in this dtype at this D: no matrix product
-        squared = _squared_distance_reduce(features, prototypes)
+        squared = full()
         return squared, jax.lax.top_k(-squared, k)[1]
     f2 = jnp.sum(jnp.square(features), axis=1, keepdims=True)
     p2 = jnp.sum(jnp.square(prototypes), axis=1)[None, :]
-    squared = f2 + p2 - 2 * jnp.matmul(features, prototypes.T, precision=_HIGHEST)
+    cross = jnp.matmul(features, prototypes.T, precision=_HIGHEST)
+    if norm is not None:
+        p2 = p2 / jnp.square(norm)[None, :]
+        cross = cross / norm[None, :]
+    squared = f2 + p2 - 2 * cross
     # > 0 where the matrix-product value is not accepted; the k largest per row are recomputed.
     excess = threshold * jnp.square(jnp.sqrt(f2) + jnp.sqrt(p2)) - squared
     _, index = jax.lax.top_k(excess, k)
     rows = jnp.arange(batch)[:, None]
-    exact = _squared_distance_at(features, prototypes, index)
+    exact = _squared_distance_at(features, prototypes, index, norm)
     squared = squared.at[rows, index].set(exact, unique_indices=True)  # top_k: distinct
     # A row with more than k rejected entries (k + 1 prototypes within the cancellation zone of
     # one feature): recompute everything, rarely, so that every returned entry is exact.
     overflow = jnp.any(jnp.sum(excess > 0, axis=1) > k)
-    squared = jax.lax.cond(
-        overflow,
-        lambda: _squared_distance_reduce(features, prototypes),
-        lambda: squared,
-    )
+    squared = jax.lax.cond(overflow, full, lambda: squared)
     return squared, index
 
 
@@ -197,6 +230,67 @@ def _exact_distance_jvp(primals, tangents):
 
 
 _exact_distance.defjvp(_exact_distance_jvp, symbolic_zeros=True)
+
+
+@jax.custom_jvp
+def _exact_unit_distance(features: jax.Array, prototypes: jax.Array) -> jax.Array:
+    """``_exact_distance(features, l2_normalize(prototypes))`` without the ``[C, D]`` array of
+    normalised prototypes (in the forward or the derivative): ``features`` are normalised by the
+    caller (``[B, D]``, small), the prototypes here."""
+    squared, _ = _squared_distance(features, prototypes, unit=True)
+    return jnp.sqrt(jnp.maximum(squared, 0))
+
+
+def _exact_unit_distance_jvp(primals, tangents):
+    features, prototypes = primals
+    d_features, d_prototypes = tangents
+    squared, index = _squared_distance(features, prototypes, unit=True)
+    distance = jnp.sqrt(jnp.maximum(squared, 0))
+    positive = distance > 0
+    inverse = jnp.where(positive, 1 / jnp.where(positive, distance, 1), 0)
+    norm = _unit_norm(prototypes)
+    unit_rows = _prototype_rows(prototypes, index, norm)  # the normalised rows p^_j, [B, k, D]
+    difference = features[:, None, :] - unit_rows
+    expanded = jnp.zeros_like(distance)
+    exact = jnp.zeros(index.shape, distance.dtype)
+    if not isinstance(d_features, SymbolicZero):
+        expanded = expanded + jnp.sum(features * d_features, axis=-1, keepdims=True)
+        expanded = (
+            expanded - jnp.matmul(d_features, prototypes.T, precision=_HIGHEST) / norm[None, :]
+        )
+        exact = exact + jnp.sum(difference * d_features[:, None, :], axis=-1)
+    if not isinstance(d_prototypes, SymbolicZero):
+        # dp^_j = (dp_j - p^_j a_j) / n_j with a_j = p^_j . dp_j (0 where the norm is clamped,
+        # the derivative of l2_normalize there being dp_j / 1e-12), n_j = max(||p_j||, 1e-12).
+        p_dp = jnp.sum(prototypes * d_prototypes, axis=1)
+        clamped = safe_sqrt(jnp.sum(jnp.square(prototypes), axis=1)) <= 1e-12
+        a = jnp.where(clamped, 0, p_dp / norm)
+        f2 = jnp.sum(jnp.square(features), axis=1, keepdims=True)
+        p2 = (jnp.sum(jnp.square(prototypes), axis=1) / jnp.square(norm))[None, :]
+        cosine = (f2 + p2 - squared) / 2  # <f_i, p^_j> (first order: any accurate value)
+        f_dp = jnp.matmul(features, d_prototypes.T, precision=_HIGHEST) / norm[None, :]
+        expanded = expanded - f_dp + cosine * (a / norm)[None, :]
+        expanded = expanded + ((p_dp / norm - p2[0] * a) / norm)[None, :]
+        d_rows = (_rows(d_prototypes, index) - unit_rows * _rows(a, index)[..., None]) / _rows(
+            norm, index
+        )[..., None]
+        exact = exact - jnp.sum(difference * d_rows, axis=-1)
+    rows = jnp.arange(features.shape[0])[:, None]
+    return distance, expanded.at[rows, index].set(exact, unique_indices=True) * inverse
+
+
+_exact_unit_distance.defjvp(_exact_unit_distance_jvp, symbolic_zeros=True)
+
+
+def _matmul_unit_distance(features: jax.Array, prototypes: jax.Array) -> jax.Array:
+    """``_matmul_distance(features, l2_normalize(prototypes))`` without the normalised copy."""
+    norm = _unit_norm(prototypes)
+    squared = (
+        jnp.sum(jnp.square(features), axis=-1, keepdims=True)
+        + (jnp.sum(jnp.square(prototypes), axis=-1) / jnp.square(norm))[None, :]
+        - 2 * jnp.matmul(features, prototypes.T, precision=_HIGHEST) / norm[None, :]
+    )
+    return safe_sqrt(jnp.maximum(squared, 0))
 
 
 def _matmul_distance(features: jax.Array, prototypes: jax.Array) -> jax.Array:
@@ -311,9 +405,11 @@ def _scaled_normalized_distance(features, prototypes, distance_scale, method, di
     prototypes = validation.as_array("prototypes", prototypes)
     dtype = _check_pair(features, prototypes)
     scale = _check_scale(distance_scale, dtype)
-    distance = pairwise_distance(
-        l2_normalize(features.astype(dtype)), l2_normalize(prototypes.astype(dtype)), method=method
-    )
+    if method not in _METHODS:
+        raise ValueError(f"`method` must be one of {_METHODS}; got {method!r}.")
+    # The prototypes are normalised inside the distance: no [C, D] copy (issue 19.5).
+    unit = _exact_unit_distance if method == "exact" else _matmul_unit_distance
+    distance = unit(l2_normalize(features.astype(dtype)), prototypes.astype(dtype))
     if divisor is not None:
         distance = distance / divisor
     return safe_abs(scale) * distance
