@@ -159,6 +159,7 @@ def imagenet_train_dataset(
     area_range: tuple[float, float] = (0.08, 1.0),
     aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
     interpolation: str = "bilinear",
+    antialias: bool = False,
     num_epochs: int | None = None,
     num_steps: int | None = None,
     start_step: int = 0,
@@ -191,7 +192,9 @@ def imagenet_train_dataset(
         (see :mod:`isomax_jax.data.locate`); a missing ``imagenet2012`` is prepared by tfds from
         ``manual_dir`` (hours for the real set).
       split: a tfds split expression of ``imagenet2012``.
-      image_size, area_range, aspect_ratio_range, interpolation: the random-resized crop.
+      image_size, area_range, aspect_ratio_range, interpolation, antialias: the random-resized
+        crop (:func:`~isomax_jax.data.imagenet_preprocessing.preprocess_for_train`; antialiasing
+        as PIL costs about half the throughput).
       num_epochs: passes from step 0 (``None``: endless); ``num_steps`` overrides it.
       num_steps: steps to yield from ``start_step``.
       start_step: first global step to yield (resuming).
@@ -250,6 +253,7 @@ def imagenet_train_dataset(
         image = preprocess_for_train(
             image, example_seed, image_size=image_size, area_range=area_range,
             aspect_ratio_range=aspect_ratio_range, interpolation=interpolation,
+            antialias=antialias,
         )  # fmt: skip
         return image, label
 

@@ -52,7 +52,8 @@ __all__ = [
     "imagenet_o_protocol",
 ]
 
-#: The user's files from which tfds's ``imagenet2012`` builder prepares its splits.
+#: The user's files from which tfds's ``imagenet2012`` builder prepares its splits (it fails
+#: without the validation tar, so that one is required; the train tar is optional).
 ILSVRC_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 #: 224-px evaluation sets: user name -> tfds name.
 IMAGENET_EVAL_SOURCES: dict[str, str] = {
@@ -73,16 +74,17 @@ OPENOOD_FAR_OOD: tuple[str, ...] = ("inaturalist", "openood_textures", "openimag
 def _has_source(tfds_name: str, manual_dir) -> bool:
     if manual_dir is None:
         return False
-    if tfds_name == "imagenet2012":
-        return any((pathlib.Path(manual_dir) / tar).is_file() for tar in ILSVRC_TARS)
+    if tfds_name == "imagenet2012":  # tfds's builder reads the validation tar in any case
+        return (pathlib.Path(manual_dir) / "ILSVRC2012_img_val.tar").is_file()
     return IMAGENET_OOD_BUILDERS[tfds_name].find_source(manual_dir) is not None
 
 
 def _how_to_provide(tfds_name: str, manual_dir) -> str:
     if tfds_name == "imagenet2012":
         return (
-            f"put {' and/or '.join(ILSVRC_TARS)} (https://image-net.org/download-images) in "
-            f"manual_dir (manual_dir={manual_dir}); tfds's imagenet2012 builder prepares them"
+            "put ILSVRC2012_img_val.tar (tfds's imagenet2012 builder needs it in any case) and, "
+            "for training, ILSVRC2012_img_train.tar (https://image-net.org/download-images) in "
+            f"manual_dir (manual_dir={manual_dir}); tfds's builder prepares them"
         )
     return f"put {IMAGENET_OOD_BUILDERS[tfds_name].expected_files(manual_dir)}"
 
