@@ -1,0 +1,106 @@
+"""The pack's tfds side: reads an experiment's sets with :mod:`isomax_jax.data` and writes them
+with :func:`isomax_jax.pack.write` (this module imports TensorFlow; the pack's reader does not).
+
+A training set (``cifar10``, ``cifar100``, ``svhn``) contributes its ``train`` and ``test``
+splits with labels and its normalisation statistics; any other evaluation set its ``test``
+split, without labels. Images are what :func:`isomax_jax.data.eval_dataset` reads before
+normalising: uint8 ``[32, 32, 3]``, grey copied to three channels, 28x28 (MNIST) zero-padded by
+2 pixels; in the same order. The noise sets are stored as their recipe
+(:data:`isomax_jax.pack.NOISE_SETS`) once the regenerated images are checked to be the tfds
+set's (as a set of images: tfds reads them in another order).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from isomax_jax import pack as pack_lib
+
+_log = logging.getLogger(__name__)
+
+
+def to_rgb32(images: np.ndarray) -> np.ndarray:
+    """uint8 ``[n, h, w, c]`` -> ``[n, 32, 32, 3]`` as the evaluation pipeline does it."""
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    if images.shape[1:3] == (28, 28):
+        images = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    if images.shape[1:] != (32, 32, 3):
+        raise ValueError(f"images of shape {images.shape[1:]}, expected (32, 32, 3)")
+    return np.ascontiguousarray(images, np.uint8)
+
+
+def _read(builder, split: str, with_labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    import tensorflow_datasets as tfds
+
+    ds = builder.as_dataset(split=split, shuffle_files=False).batch(4096)
+    images, labels = [], []
+    for chunk in tfds.as_numpy(ds):
+        images.append(chunk["image"])
+        if with_labels:
+            labels.append(chunk["label"])
+    return to_rgb32(np.concatenate(images)), np.concatenate(labels) if with_labels else None
+
+
+def _same_images(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two uint8 sets hold the same images, in any order."""
+    if a.shape != b.shape:
+        return False
+    rows = lambda x: np.sort(x.reshape(len(x), -1).view(f"V{x[0].size}").ravel())  # noqa: E731
+    return bool(np.array_equal(rows(a), rows(b)))
+
+
+def write_from_tfds(
+    out,
+    names,
+    *,
+    data_dir=None,
+    manual_dir=None,
+    build_dir=None,
+    codec: str = "auto",
+    quality: int = 95,
+    max_mib: float | None = 60.0,
+) -> dict:
+    """Writes a pack of the sets ``names`` read from tfds (OOD sets built if missing).
+
+    Args:
+      out: the new pack directory.
+      names: set names of :data:`isomax_jax.data.EVAL_NAMES`.
+      data_dir, manual_dir, build_dir: as in :func:`isomax_jax.data.eval_dataset`.
+      codec, quality, max_mib: as in :func:`isomax_jax.pack.write`.
+
+    Returns:
+      The manifest.
+    """
+    from isomax_jax import data
+    from isomax_jax.data import locate, pipelines
+
+    sets, normalization, sources = {}, {}, {}
+    for name in names:
+        if name not in data.EVAL_NAMES:
+            raise ValueError(f"set {name!r} is not one of {data.EVAL_NAMES}")
+        training = name in data.TRAIN_NAMES
+        candidates = (pipelines.TRAIN_SOURCES[name],) if training else pipelines.EVAL_SOURCES[name]
+        builder = locate.load_builder(
+            name, candidates, data_dir=data_dir, manual_dir=manual_dir, build_dir=build_dir
+        )
+        sources[name] = f"tfds {builder.info.full_name}"
+        splits = ("train", "test") if training else ("test",)
+        sets[name] = {split: _read(builder, split, training) for split in splits}
+        if training:
+            normalization[name] = data.normalization_stats(name)
+        if name in pack_lib.NOISE_SETS:
+            recipe = pack_lib.NOISE_SETS[name]
+            if _same_images(recipe.images(), sets[name]["test"][0]):
+                sets[name] = {"test": recipe}
+                sources[name] += ", stored as its recipe (the same images)"
+            else:
+                _log.warning("%s: the recipe does not give the tfds images; storing them", name)
+        _log.info("read %s: %s", name, {s: len(v[0]) for s, v in sets[name].items()
+                                        if isinstance(v, tuple)})  # fmt: skip
+    return pack_lib.write(
+        out, sets, normalization=normalization, sources=sources, codec=codec, quality=quality,
+        max_mib=max_mib,
+    )  # fmt: skip
