@@ -385,6 +385,18 @@ def test_pipelines_under_mock_data():
     assert ((batch["label"] >= 0) & (batch["label"] < 1000)).all()
 
 
+def test_eval_process_without_examples_yields_padding(ilsvrc):
+    """3 examples over 4 processes: the last one reads none and still yields its batch."""
+    parts = [
+        list(_eval("imagenet2012", ilsvrc, batch_size=8, split="validation[:3]", process_index=i,
+                   process_count=4))
+        for i in range(4)
+    ]  # fmt: skip
+    assert [len(p) for p in parts] == [1] * 4
+    assert [int(p[0]["mask"].sum()) for p in parts] == [1, 1, 1, 0]
+    assert (parts[3][0]["label"] == -1).all() and not parts[3][0]["image"].any()
+
+
 def test_batches_prefetched_to_the_mesh():
     from isomax_jax import parallel
 

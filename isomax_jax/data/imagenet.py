@@ -75,11 +75,8 @@ class ImageNetBatches:
         self, dataset: tf.data.Dataset, *, length: int | None, num_examples: int, mesh=None,
         device_prefetch: int = 2, steps_per_epoch: int | None = None,
     ):  # fmt: skip
-        self.dataset, self.num_examples, self.steps_per_epoch = (
-            dataset,
-            num_examples,
-            steps_per_epoch,
-        )
+        self.dataset = dataset
+        self.num_examples, self.steps_per_epoch = num_examples, steps_per_epoch
         self._length, self._mesh, self._device_prefetch = length, mesh, device_prefetch
 
     def __len__(self) -> int:
@@ -91,7 +88,7 @@ class ImageNetBatches:
         batches = iter(tfds.as_numpy(self.dataset))
         if self._mesh is None:
             return batches
-        from isomax_jax import parallel  # noqa: PLC0415 (jit/sharding only when asked for)
+        from isomax_jax import parallel  # imported when asked for: it builds on jit + sharding
 
         return parallel.prefetch_to_mesh(batches, self._mesh, size=self._device_prefetch)
 
@@ -214,7 +211,7 @@ def imagenet_train_dataset(
 
     Raises:
       ValueError: bad batch size, seed, process layout, interpolation or normalisation.
-      DataNotFoundError: not prepared and no ILSVRC tar in ``manual_dir``.
+      DataNotFoundError: not prepared, and no ``ILSVRC2012_img_val.tar`` in ``manual_dir``.
     """
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**63:
         raise ValueError(f"seed={seed!r} must be an int in [0, 2**63)")
@@ -346,17 +343,13 @@ def imagenet_eval_dataset(
     in_distribution = name == "imagenet2012"
     if classes is None:
         n = pipelines._split_size(builder, split)
-        mine = n // count + (index < n % count)
-        ds = _read(builder, tfds.even_splits(split, n=count)[index]).take(mine)
+        mine = n // count + (index < n % count)  # tfds.even_splits gives the first ones more
+        part = tfds.even_splits(split, n=count)[index] if mine else split  # (none: take(0))
+        ds = _read(builder, part).take(mine)
     else:
         wanted = tf.constant(np.unique(np.asarray(classes, np.int32)))
         keep = lambda image, label: tf.reduce_any(tf.equal(label, wanted))  # noqa: E731
-        labels = (
-            _read(builder, split)
-            .map(lambda image, label: label)
-            .filter(lambda label: tf.reduce_any(tf.equal(label, wanted)))
-        )
-        n = int(labels.reduce(np.int64(0), lambda c, _: c + 1))
+        n = int(_read(builder, split).filter(keep).reduce(np.int64(0), lambda c, _: c + 1))
         start, stop = index * n // count, (index + 1) * n // count
         mine = stop - start
         ds = _read(builder, split).filter(keep).skip(start).take(mine)
