@@ -23,8 +23,15 @@ guaranteed (see ``docs/reliability.md``):
   can save that step again, and the newest intact one is restored. If checkpoints exist but none
   is intact, :class:`CheckpointCorruptedError` is raised.
 * **One cadence.** The checkpointer alone decides which steps are saved
-  (:meth:`RunCheckpointer.due`): multiples of ``save_every_steps``, a preemption, and the final
-  step.
+  (:meth:`RunCheckpointer.due`): multiples of ``save_every_steps``, a preemption (JAX's sync point
+  of a multi-host run, or a :class:`~isomax_jax.distributed.PreemptionNotice`), and the final
+  step; after a preemption :attr:`RunCheckpointer.preempted_step` tells the loop to stop.
+* **Failed saves stop the run.** A save that fails (no space, a quota, permissions, a read-only
+  or vanished run directory) raises :class:`CheckpointSaveError` naming the step, the path, the
+  error and the free space, at the save or, for a background save, at the first step after it
+  failed. Orbax writes a step into a temporary folder and renames it only when complete, so the
+  checkpoints saved before are untouched and the partial folder is never taken for a checkpoint
+  (the next start removes it); the next start restores the newest intact one.
 
 Every process of a multi-host run calls the same :class:`RunCheckpointer` methods (Orbax
 coordinates the writes); only process 0 moves damaged checkpoints.
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import pathlib
 from typing import Any
 
@@ -42,7 +50,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from isomax_jax.distributed import PreemptionNotice
 from isomax_jax.fingerprints import fingerprint, host_array, mismatches
+from isomax_jax.run_metadata import RunDirectoryWriteError, write_failure
 
 CHECKPOINTS = "checkpoints"
 CORRUPTED = "corrupted_checkpoints"
@@ -54,6 +64,10 @@ log = logging.getLogger(__name__)
 
 class CheckpointCorruptedError(RuntimeError):
     """Checkpoints exist in a run directory but none of them is intact."""
+
+
+class CheckpointSaveError(RunDirectoryWriteError):
+    """A checkpoint could not be written; the checkpoints saved before it are untouched."""
 
 
 def _state_items(state: Any) -> dict[str, Any]:
@@ -80,8 +94,16 @@ class RunCheckpointer:
       workdir: the run directory; checkpoints go to ``workdir/checkpoints``.
       save_every_steps: :meth:`save` writes at steps that are multiples of this (and with
         ``force=True``, e.g. at the end of training).
-      keep: how many checkpoints to keep (the oldest are deleted by Orbax).
+      keep: how many checkpoints to keep (the oldest are deleted by Orbax, only once a newer
+        one is complete).
       async_save: write in a background thread (call :meth:`close` or :meth:`wait` at the end).
+      preemption: the run's :class:`~isomax_jax.distributed.PreemptionNotice`, if any: a signal
+        makes the next step :meth:`due` and sets :attr:`preempted_step`. Without one, only JAX's
+        preemption sync of a multi-host run (Orbax's ``PreemptionCheckpointingPolicy``) counts.
+
+    Attributes:
+      preempted_step: the step at which a preemption was reached (saved by the loop when
+        :meth:`due` said so), or None. The loop stops after saving it.
 
     Example:
       >>> import tempfile
@@ -98,6 +120,7 @@ class RunCheckpointer:
         save_every_steps: int,
         keep: int = 2,
         async_save: bool = True,
+        preemption: PreemptionNotice | None = None,
     ):
         for name, value in (("save_every_steps", save_every_steps), ("keep", keep)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -105,6 +128,10 @@ class RunCheckpointer:
         self.workdir = pathlib.Path(workdir).absolute()
         self.directory = self.workdir / CHECKPOINTS
         self.save_every_steps = save_every_steps
+        self.preempted_step: int | None = None
+        self._preemption = preemption
+        self._pending: int | None = None  # the step of a background save not yet waited for
+        self._failed = False  # a failed save was reported (Orbax re-raises it at every wait)
         policy = checkpoint_managers.AnySavePolicy(
             [
                 checkpoint_managers.FixedIntervalPolicy(save_every_steps),
@@ -117,8 +144,10 @@ class RunCheckpointer:
                 max_to_keep=keep,
                 save_decision_policy=policy,
                 enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,  # partial saves of an earlier start
             ),
         )
+        self._identity = self._directory_identity()
 
     def latest_step(self) -> int | None:
         """Step of the newest checkpoint on disk, or ``None``.
@@ -130,16 +159,27 @@ class RunCheckpointer:
 
     def due(self, step: int, *, final: bool = False) -> bool:
         """Whether a state at ``step`` is to be saved now: a multiple of ``save_every_steps``, a
-        preemption signalled to every process (Orbax's ``PreemptionCheckpointingPolicy``), or
-        the ``final`` step of the run; never a step that is already saved.
+        preemption (then :attr:`preempted_step` is set), or the ``final`` step of the run; never
+        a step that is already saved.
 
         Ask after every step (all processes of a multi-host run alike: the preemption check is
         a collective), then call :meth:`save` with ``force=True`` when it is due.
+
+        Raises:
+          CheckpointSaveError: a background save has failed since the last call.
         """
         step = int(step)
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            self.wait()  # a background save ended: raise now if it failed
+        if self._preemption is not None:
+            preempted = self._preemption.reached(step)
+        else:
+            preempted = self._manager.reached_preemption(step)
+        if preempted and self.preempted_step is None:
+            self.preempted_step = step
         if step in self._manager.all_steps():
             return False
-        return final or self._manager.should_save(step)
+        return final or preempted or self._manager.should_save(step)
 
     def save(self, state: Any, *, force: bool = False) -> bool:
         """Saves ``state`` at ``int(state.step)`` if it is :meth:`due` (or ``force``).
@@ -150,18 +190,67 @@ class RunCheckpointer:
 
         Returns:
           Whether a checkpoint was started (never for a step that is already saved).
+
+        Raises:
+          CheckpointSaveError: this save, or an earlier background one, failed (see the module
+            docstring); the run directory vanished or was replaced since this checkpointer was
+            created (deleted, or its filesystem unmounted).
         """
         step = int(state.step)
+        self.wait()  # an earlier background save: done, or its error raised
         if step in self._manager.all_steps():
             return False
         if not force and not self._manager.should_save(step):
             return False
+        self._check_directory(step)
         items = _state_items(state)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(items),
             fingerprint=ocp.args.JsonSave({**fingerprint(items), "step": step}),
         )
-        return self._manager.save(step, args=args, force=True)
+        try:
+            started = self._manager.save(step, args=args, force=True)
+        except Exception as e:
+            self._failed = True
+            raise self._save_failed(step, e) from e
+        self._pending = step if started else None
+        return started
+
+    def _directory_identity(self) -> tuple[int, int] | None:
+        try:
+            info = os.stat(self.directory)
+        except OSError:
+            return None
+        return info.st_dev, info.st_ino
+
+    def _check_directory(self, step: int) -> None:
+        """Refuses to save into a run directory that vanished or was replaced since the start
+        (Orbax would silently create it again, e.g. on the disk under an unmounted one)."""
+        if self._identity is not None and self._directory_identity() != self._identity:
+            state = "was replaced" if self.directory.exists() else "no longer exists"
+            raise CheckpointSaveError(
+                write_failure(
+                    f"the checkpoint of step {step}",
+                    self.directory / str(step),
+                    FileNotFoundError(
+                        f"{self.directory} {state} since this run started (deleted, moved, or "
+                        "its filesystem unmounted?); not saving there"
+                    ),
+                )
+            )
+
+    def _save_failed(self, step: int | None, error: BaseException) -> CheckpointSaveError:
+        """The error of a failed save. Its partial folder (``<step>.orbax-checkpoint-tmp``, which
+        Orbax never lists) is left to the next start to remove: background writes may still be
+        running."""
+        what = "a checkpoint" if step is None else f"the checkpoint of step {step}"
+        kept = sorted(s for s in self._steps_on_disk() if s != step)
+        return CheckpointSaveError(
+            write_failure(what, self.directory / str(step or ""), error)
+            + f". Checkpoints saved before it are untouched (steps {kept}): the next start "
+            "restores the newest intact one. Free some space (or fix the permissions) and rerun "
+            "the same command."
+        )
 
     def _restore_verified(self, step: int, state: Any) -> Any:
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_items(state))
@@ -260,9 +349,32 @@ class RunCheckpointer:
         return state
 
     def wait(self) -> None:
-        """Blocks until background saves are written."""
-        self._manager.wait_until_finished()
+        """Blocks until background saves are written.
+
+        Raises:
+          CheckpointSaveError: a background save failed.
+        """
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            if self._failed:
+                return  # reported already
+            self._failed = True
+            raise self._save_failed(step, e) from e
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
-        self._manager.close()
+        """Waits for pending saves and releases the manager.
+
+        Raises:
+          CheckpointSaveError: a background save failed that was not reported yet (the manager
+            is released all the same).
+        """
+        try:
+            self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except Exception:
+                if not self._failed:
+                    raise

@@ -4,7 +4,10 @@
 runs in one directory, naming every setting that differs; :func:`config_differences` is that one
 comparison, also used by the experiments to check a config before anything trains;
 :func:`versions` is the one record of package versions (``run.json`` and the experiment report).
-In a multi-host run only process 0 writes the file. See ``docs/reliability.md``.
+In a multi-host run only process 0 writes the file. Files of a run directory are written whole
+or not at all (:func:`write_json`), and a failed write is a :class:`RunDirectoryWriteError` that
+names the path, the error and the free space (:func:`write_failure`). See
+``docs/reliability.md``.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import datetime
 import importlib
 import importlib.metadata
 import json
+import os
 import pathlib
 import platform
+import shutil
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -27,6 +32,78 @@ RUN_METADATA = "run.json"
 
 _VERSIONED = ("isomax_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 _ABSENT = "<absent>"
+
+
+class RunDirectoryWriteError(OSError):
+    """A file of a run directory (a checkpoint, ``run.json``, ...) could not be written: no
+    space, a quota, permissions, a read-only or vanished directory. The message names the path,
+    the error and the free space; nothing half-written is left to be read as complete."""
+
+
+def _size(n: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """``"<free> free of <total> on the filesystem of <dir>"`` for the nearest existing folder of
+    ``path`` (or why it is unknown).
+
+    Example:
+      >>> "free of" in free_space(".")
+      True
+    """
+    folder = pathlib.Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError as e:
+        return f"free space unknown ({e})"
+    return f"{_size(usage.free)} free of {_size(usage.total)} on the filesystem of {folder}"
+
+
+def _error_text(error: BaseException, limit: int = 600) -> str:
+    """``Type: message`` on one line; a long message keeps its start and its end (where the OS
+    error of a nested failure is usually written)."""
+    text = " ".join(str(error).split())
+    if len(text) > limit:
+        text = f"{text[: limit // 3]} [...] {text[-(2 * limit) // 3 :]}"
+    return f"{type(error).__name__}: {text}"
+
+
+def write_failure(what: str, path: str | os.PathLike, error: BaseException) -> str:
+    """The message of a failed write: what, where, the error and the free space.
+
+    Example:
+      >>> print(write_failure("run.json", "/r/run.json", OSError(28, "No space left")))
+      could not write run.json to /r/run.json: OSError: [Errno 28] No space left (... free of ...)
+    """
+    return f"could not write {what} to {path}: {_error_text(error)} ({free_space(path)})"
+
+
+def write_json(path: str | os.PathLike, value: Any, *, what: str | None = None) -> None:
+    """Writes ``value`` as JSON to ``path`` whole or not at all (a temporary file in the same
+    folder, flushed to disk, then renamed over ``path``).
+
+    Raises:
+      RunDirectoryWriteError: the write failed (no space, permissions, ...); ``path`` is left as
+        it was and the temporary file is removed.
+    """
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RunDirectoryWriteError(write_failure(what or path.name, path, e)) from e
 
 
 def versions() -> dict[str, str]:
@@ -180,8 +257,9 @@ def write_run_metadata(
     else:
         meta = {"config": config_dict, "seed": seed, "starts": [start]}
     if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-        tmp.replace(path)
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunDirectoryWriteError(write_failure("the run directory", workdir, e)) from e
+        write_json(path, meta)
     return meta
