@@ -20,6 +20,13 @@ Usage (from the repository root)::
 
 Any config field can be overridden, e.g. `--config.num_epochs=10 --config.runs=3`. The whole
 config is checked before anything is trained (bad keys, names, data or devices fail in seconds).
+
+Exit status: 0 done; 2 refused to start or stopped on a problem with the run (config, a locked
+workdir, no intact checkpoint, a diverged loss); 74 a file of the workdir could not be written
+(no space, quota, permissions; the message names the path, the error and the free space); 75
+stopped by SIGTERM/SIGINT after saving the step in flight (the message names it; rerun the same
+command to resume). A multi-host run whose process died ends in the others with JAX's own 134
+after `ISOMAX_HEARTBEAT_TIMEOUT_S` (docs/reliability.md).
 On a CPU-only machine the batch is split over one host device per core (`--cpu_devices`), which
 uses every core: XLA:CPU runs each convolution on one core.
 """
@@ -106,7 +113,7 @@ def main(argv):
     import jax
 
     from experiments import train_eval, training, validate
-    from isomax_jax import checkpointing, distributed, locking
+    from isomax_jax import checkpointing, distributed, locking, run_metadata
 
     # Multi-process runs (ISOMAX_COORDINATOR_ADDRESS/..., Slurm, Open MPI, multi-host Cloud TPU)
     # are initialised before any other JAX call; a single process is left as it is.
@@ -124,6 +131,12 @@ def main(argv):
     ) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except run_metadata.RunDirectoryWriteError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(74)  # EX_IOERR
+    except distributed.Preempted as err:
+        print(f"preempted: {err}", file=sys.stderr, flush=True)
+        sys.exit(distributed.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

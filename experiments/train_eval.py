@@ -7,12 +7,23 @@ resumes from its latest intact checkpoint without replaying its input). Then all
 evaluated together (`experiments.evaluate`) and the report is written (`experiments.report`).
 With `mode="evaluate"` the final checkpoints are restored instead of trained. The flow is one
 way: main -> train_eval -> training / evaluate / report.
+
+Signals (SIGTERM, SIGINT; docs/reliability.md): during training, the step in flight is finished
+and saved, then `isomax_jax.distributed.Preempted` (the same command resumes). During the
+evaluation, which is not checkpointed, `Preempted` at once: no report is written and the rerun
+evaluates again. While the report is written (seconds), a signal waits until it is complete, so
+a report is always the whole of one evaluation.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -61,18 +72,83 @@ def run(config: Any, workdir: str, *, mode: str = "train_and_evaluate") -> dict[
     mesh = parallel.data_mesh()
     timings: dict[str, float] = {"validation_s": time.time() - start}
     with locking.workdir_lock(workdir):
-        trained = _models(config, workdir, mode=mode, mesh=mesh, timings=timings)
+        with distributed.PreemptionNotice() as notice:
+            trained = _models(
+                config, workdir, mode=mode, mesh=mesh, timings=timings, preemption=notice
+            )
         t0 = time.time()
-        evaluation = evaluate.evaluate_runs(config, trained, mesh=mesh, workdir=workdir)
+        with _stop_evaluation_on_signal(already=notice.signal_name):
+            evaluation = evaluate.evaluate_runs(config, trained, mesh=mesh, workdir=workdir)
         timings["evaluation_s"] = time.time() - t0
-        return _report(config, workdir, evaluation, timings, start=start)
+        with _signals_wait():
+            return _report(config, workdir, evaluation, timings, start=start)
+
+
+def _set_handlers(handler) -> dict[int, Any]:
+    """Installs `handler` for SIGTERM and SIGINT (main thread only); the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_handlers(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _stop_evaluation_on_signal(already: str | None) -> Iterator[None]:
+    """A signal stops the evaluation at once with `Preempted` (nothing is reported from part of
+    the data; the rerun evaluates again), as does one received after the last training step."""
+
+    def stop(name: str):
+        return distributed.Preempted(
+            f"{name} before the evaluation finished: stopped, no report written (every model is "
+            "trained and saved); rerun the same command to evaluate again"
+        )
+
+    if already is not None:
+        raise stop(already)
+
+    def handler(signum, frame):
+        del frame
+        raise stop(signal.Signals(signum).name)
+
+    previous = _set_handlers(handler)
+    try:
+        yield
+    finally:
+        _restore_handlers(previous)
+
+
+@contextlib.contextmanager
+def _signals_wait() -> Iterator[None]:
+    """Signals wait until the block ends (the report's files, written in seconds): a report is
+    never left half-written."""
+    received = []
+    previous = _set_handlers(lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        _restore_handlers(previous)
+        if received:
+            logging.getLogger(__name__).warning(
+                "%s received while the report was written; the report is complete",
+                signal.Signals(received[0]).name,
+            )
 
 
 def _models(
-    config: Any, workdir: str, *, mode: str, mesh: Any, timings: dict[str, float]
+    config: Any,
+    workdir: str,
+    *,
+    mode: str,
+    mesh: Any,
+    timings: dict[str, float],
+    preemption: distributed.PreemptionNotice | None = None,
 ) -> list[records.TrainedRun]:
-    """Every (seed, loss) model, in that order: trained (timed into `timings`) or, with
-    `mode="evaluate"`, restored."""
+    """Every (seed, loss) model, in that order: trained (timed into `timings`; stopped and saved
+    on a `preemption` notice) or, with `mode="evaluate"`, restored."""
     runs = [(index, loss) for index in range(config.runs) for loss in config.losses]
     if mode != "train_and_evaluate":
         return [
@@ -92,7 +168,14 @@ def _models(
     t0 = time.time()
     trained = [
         training.train_one(
-            config, workdir, loss=loss, seed=config.seed + index, run=index, mesh=mesh, split=split
+            config,
+            workdir,
+            loss=loss,
+            seed=config.seed + index,
+            run=index,
+            mesh=mesh,
+            split=split,
+            preemption=preemption,
         )
         for index, loss in runs
     ]

@@ -4,6 +4,10 @@
 `run.json`, `train_info.json`), resuming from the latest intact checkpoint without replaying its
 input, with a progress bar and TensorBoard summaries (`workdir/tensorboard/`); `restore_one`
 restores a trained one for evaluation. `experiments.train_eval` calls them for every model.
+
+On a preemption notice (SIGTERM/SIGINT, `isomax_jax.distributed.PreemptionNotice`) the step in
+flight finishes, is saved, and `train_one` raises `isomax_jax.distributed.Preempted` naming it;
+the same command resumes from it. A failed save raises `checkpointing.CheckpointSaveError`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from experiments import records, validate
 from isomax_jax import (
     checkpointing,
     data,
+    distributed,
     models,
     parallel,
     registry,
@@ -229,7 +234,8 @@ def _device_batches(config: Any, split, *, seed: int, start: int, total: int, me
 
 def _train_steps(config, plan, state, ckpt, log: _TrainingLog, device_batches, step_fn):
     """Steps `log.start` to the end: each step dispatched, its metrics reported at log steps
-    and before every checkpoint (a diverged state is never saved), saved when `ckpt` says."""
+    and before every checkpoint (a diverged state is never saved), saved when `ckpt` says;
+    after a preemption's save, `distributed.Preempted`."""
     total = plan["total_steps"]
     for step, batch in zip(range(log.start, total), device_batches, strict=True):
         if step < plan["early_steps"]:
@@ -244,6 +250,13 @@ def _train_steps(config, plan, state, ckpt, log: _TrainingLog, device_batches, s
             log.bar.update(1)
         if save:
             ckpt.save(jax.device_get(state), force=True)  # host copy: fast save
+        if ckpt.preempted_step is not None and done < total:
+            ckpt.wait()  # written in full before the process ends
+            raise distributed.Preempted(
+                f"{log.name} saved at step {done} of {total} in {ckpt.directory / str(done)}; "
+                "rerun the same command to resume from it",
+                step=done,
+            )
     return jax.block_until_ready(state)
 
 
@@ -256,8 +269,14 @@ def train_one(
     run: int,
     mesh: Any,
     split: tuple[np.ndarray, np.ndarray],
+    preemption: distributed.PreemptionNotice | None = None,
 ) -> records.TrainedRun:
-    """Trains (or resumes, or restores if finished) one model on the in-memory `split`."""
+    """Trains (or resumes, or restores if finished) one model on the in-memory `split`.
+
+    Raises:
+      isomax_jax.distributed.Preempted: `preemption` was signalled; the step is saved.
+      isomax_jax.checkpointing.CheckpointSaveError: a checkpoint could not be written.
+    """
     name = records.run_name(loss, seed)
     run_dir = os.path.join(workdir, name)
     plan = training_plan(config, len(split[0]))
@@ -266,31 +285,32 @@ def train_one(
     run_metadata.write_run_metadata(
         run_dir, config=config, seed=seed, ignore_keys=validate.EVALUATION_ONLY_KEYS
     )
-    ckpt = checkpointing.RunCheckpointer(run_dir, save_every_steps=config.checkpoint_every_steps)
-    state = ckpt.restore_latest(state)
-    start = int(state.step)
-    state = parallel.replicate_state(state, mesh)
-    if start >= total:  # finished: keep the recorded training summary, train nothing
-        ckpt.close()
-        info = _read_json(os.path.join(run_dir, TRAIN_INFO)) or {"steps": start, **plan}
-        return records.TrainedRun(loss, seed, run, state, model, info)
-
-    schedule = make_schedule(config, plan)
-    log = _TrainingLog(loss, seed, workdir, start=start, total=total, schedule=schedule)
+    ckpt = checkpointing.RunCheckpointer(
+        run_dir, save_every_steps=config.checkpoint_every_steps, preemption=preemption
+    )
     try:
-        batches, device_batches = _device_batches(
-            config, split, seed=seed, start=start, total=total, mesh=mesh
-        )
-        with batches:
-            step_fn = parallel.sharded_train_step(mesh)
-            state = _train_steps(config, plan, state, ckpt, log, device_batches, step_fn)
-        info = {**plan, **log.summary(config.batch_size)}
+        state = ckpt.restore_latest(state)
+        start = int(state.step)
+        state = parallel.replicate_state(state, mesh)
+        if start >= total:  # finished: keep the recorded training summary, train nothing
+            info = _read_json(os.path.join(run_dir, TRAIN_INFO)) or {"steps": start, **plan}
+            return records.TrainedRun(loss, seed, run, state, model, info)
+        schedule = make_schedule(config, plan)
+        log = _TrainingLog(loss, seed, workdir, start=start, total=total, schedule=schedule)
+        try:
+            batches, device_batches = _device_batches(
+                config, split, seed=seed, start=start, total=total, mesh=mesh
+            )
+            with batches:
+                step_fn = parallel.sharded_train_step(mesh)
+                state = _train_steps(config, plan, state, ckpt, log, device_batches, step_fn)
+            info = {**plan, **log.summary(config.batch_size)}
+        finally:
+            log.close()
     finally:
-        log.close()
-    ckpt.close()
+        ckpt.close()  # the last save written in full (or its failure raised)
     if jax.process_index() == 0:
-        with open(os.path.join(run_dir, TRAIN_INFO), "w") as f:
-            json.dump(info, f, indent=1)
+        run_metadata.write_json(os.path.join(run_dir, TRAIN_INFO), info)
     return records.TrainedRun(loss, seed, run, state, model, info)
 
 

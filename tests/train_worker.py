@@ -1,13 +1,16 @@
 """Tiny model, deterministic batches and a training worker for the train/parallel tests.
 
 Imported by the tests (``TinyCNN``, ``make_batch``, ``train_loop``) and run as a subprocess by
-``test_multihost.py`` (several processes on loopback) and ``test_checkpointing.py`` (a run that is
-SIGKILLed midway, then resumed). Usage::
+``test_multihost.py`` (several processes on loopback: training, a preemption, a dead peer),
+``test_checkpointing.py`` (a run that is SIGKILLed midway, then resumed) and
+``test_preemption.py`` (SIGTERM/SIGINT midway). Usage::
 
     python tests/train_worker.py --out params.npz --steps 3 [--workdir DIR --save-every 2
-        --kill-after 3] [--head softmax]
+        --kill-after 3 [--kill-process 1]] [--step-delay 0.05] [--head softmax]
 
-Multi-process runs take the ``ISOMAX_*`` variables of :mod:`isomax_jax.distributed`.
+It prints ``step N`` after every step (flushed), and on a preemption notice it saves the step in
+flight, prints ``preempted at step N`` and exits with ``PREEMPTED_EXIT_CODE``. Multi-process runs
+take the ``ISOMAX_*`` variables of :mod:`isomax_jax.distributed`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -91,20 +95,43 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir")
     parser.add_argument("--save-every", type=int, default=2)
     parser.add_argument("--kill-after", type=int, default=-1)
+    parser.add_argument("--kill-process", type=int, default=-1, help="-1: every process")
+    parser.add_argument("--step-delay", type=float, default=0.0, help="seconds after each step")
     args = parser.parse_args(argv)
 
-    from isomax_jax import checkpointing, distributed, parallel, run_metadata
+    from isomax_jax import distributed
 
     distributed.initialize(initialization_timeout=60)
+    with distributed.PreemptionNotice() as notice:
+        try:
+            state = _train(args, notice)
+        except distributed.Preempted as e:
+            print(f"preempted at step {e.step}", flush=True)
+            return distributed.PREEMPTED_EXIT_CODE
+    if jax.process_index() == 0:
+        layout = distributed.device_layout()
+        counts = {"process_count": layout["process_count"], "device_count": layout["device_count"]}
+        np.savez(args.out, **flat_params(state.params), **{f"__{k}": v for k, v in counts.items()})
+    return 0
+
+
+def _train(args, notice):
+    """The training loop of the experiments, on TinyCNN: saved when the checkpointer says so,
+    stopped with ``Preempted`` after saving a preemption's step."""
+    from isomax_jax import checkpointing, distributed, parallel, run_metadata
+
     mesh = parallel.data_mesh()
     step_fn = parallel.sharded_train_step(mesh)
     state = parallel.replicate_state(init_state(head=args.head), mesh)
 
     ckpt = None
     if args.workdir:
-        config = {k: v for k, v in vars(args).items() if k not in ("kill_after", "out")}
+        ignored = ("kill_after", "kill_process", "step_delay", "out")
+        config = {k: v for k, v in vars(args).items() if k not in ignored}
         run_metadata.write_run_metadata(args.workdir, config=config, seed=0)
-        ckpt = checkpointing.RunCheckpointer(args.workdir, save_every_steps=args.save_every)
+        ckpt = checkpointing.RunCheckpointer(
+            args.workdir, save_every_steps=args.save_every, preemption=notice
+        )
         state = ckpt.restore_latest(state)
 
     n_proc, pid = jax.process_count(), jax.process_index()
@@ -113,20 +140,22 @@ def main(argv=None) -> int:
         batch = make_batch(step, batch_size=args.batch_size)
         mine = {k: v[pid * local : (pid + 1) * local] for k, v in batch.items()}
         state, _ = step_fn(state, parallel.shard_batch(mine, mesh))
+        done = step + 1
+        print(f"step {done}", flush=True)
         if ckpt is not None:
-            ckpt.save(state)
-        if step + 1 == args.kill_after:
+            if ckpt.due(done, final=done == args.steps):
+                ckpt.save(state, force=True)
+            if ckpt.preempted_step is not None and done < args.steps:
+                ckpt.close()
+                raise distributed.Preempted(f"saved step {done}", step=done)
+        if done == args.kill_after and args.kill_process in (-1, pid):
             if ckpt is not None:
                 ckpt.wait()
             os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(args.step_delay)
     if ckpt is not None:
-        ckpt.save(state, force=True)
         ckpt.close()
-    if pid == 0:
-        layout = distributed.device_layout()
-        counts = {"process_count": layout["process_count"], "device_count": layout["device_count"]}
-        np.savez(args.out, **flat_params(state.params), **{f"__{k}": v for k, v in counts.items()})
-    return 0
+    return state
 
 
 if __name__ == "__main__":
