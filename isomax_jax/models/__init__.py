@@ -1,4 +1,9 @@
-"""CIFAR backbones of the IsoMax papers with a choice of head.
+"""Backbones with a choice of head: the IsoMax papers' CIFAR models and torchvision's.
+
+The CIFAR backbones (``densenet_bc100``, ``resnet34``, ``resnet110``, ``wrn28_10``,
+``small_resnet``) are the reference code's; the ``tv_*`` backbones are torchvision's ImageNet
+architectures (:mod:`isomax_jax.models.torchvision_resnet`, :mod:`isomax_jax.models.vit`), whose
+``state_dict`` files :func:`isomax_jax.torch_import.load_torch_checkpoint` loads.
 
 Example (shapes only, with ``jax.eval_shape``; ``model.init`` / ``model.apply`` give values):
   >>> import jax, jax.numpy as jnp
@@ -22,7 +27,7 @@ import jax.numpy as jnp
 
 from isomax_jax import registry, validation
 from isomax_jax.heads import SoftMaxHead
-from isomax_jax.models import densenet, resnet, wide_resnet
+from isomax_jax.models import densenet, resnet, torchvision_resnet, vit, wide_resnet
 from isomax_jax.models.classifier import Classifier
 
 #: name -> (backbone factory, feature dimension). A backbone maps ``(images, train=)`` to
@@ -34,6 +39,12 @@ BACKBONES: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "resnet110": (resnet.resnet110, 64),
     "small_resnet": (resnet.small_resnet, 128),
     "wrn28_10": (wide_resnet.wrn28_10, 640),
+    "tv_resnet18": (torchvision_resnet.tv_resnet18, 512),
+    "tv_resnet34": (torchvision_resnet.tv_resnet34, 512),
+    "tv_resnet50": (torchvision_resnet.tv_resnet50, 2048),
+    "tv_resnet101": (torchvision_resnet.tv_resnet101, 2048),
+    "tv_resnet152": (torchvision_resnet.tv_resnet152, 2048),
+    "tv_vit_b_16": (vit.tv_vit_b_16, 768),
 }
 
 HEADS: tuple[str, ...] = registry.HEAD_NAMES  # titles and pairings: isomax_jax.registry.HEADS
@@ -58,8 +69,11 @@ def get_model(
     """A backbone with a head: ``apply(variables, images, train=..., return_features=False)``.
 
     Args:
-      name: one of ``densenet_bc100`` (342-d features), ``resnet34`` (512-d), ``resnet110``
-        (64-d), ``wrn28_10`` (640-d), ``small_resnet`` (128-d, fast CPU model).
+      name: a CIFAR backbone (32×32 images): ``densenet_bc100`` (342-d features),
+        ``resnet34`` (512-d), ``resnet110`` (64-d), ``wrn28_10`` (640-d), ``small_resnet``
+        (128-d, fast CPU model); or a torchvision ImageNet architecture (224×224 images):
+        ``tv_resnet18``, ``tv_resnet34`` (512-d), ``tv_resnet50``, ``tv_resnet101``,
+        ``tv_resnet152`` (2048-d), ``tv_vit_b_16`` (768-d, 224×224 only).
       num_classes: number of classes ``C``.
       head: ``softmax`` (linear), ``isomax``, ``isomax_plus`` or ``dismax``.
       temperature: the head's (untrained) temperature; 1 except after calibration.

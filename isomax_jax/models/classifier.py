@@ -47,7 +47,7 @@ class Classifier(nn.Module):
 
         Args:
           images: float images ``[batch, height, width, 3]`` (NHWC, already normalised). The
-            reference architectures are defined for 32×32.
+            CIFAR architectures are defined for 32×32, torchvision's (``tv_*``) for 224×224.
           train: batch statistics (and their running-average update, with
             ``mutable=["batch_stats"]``) if True; running averages if False.
           return_features: also return the pooled backbone features.
