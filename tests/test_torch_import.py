@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import warnings
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 
 from isomax_jax import torch_import
-from isomax_jax.models import get_model
+from isomax_jax.models import Classifier, get_model, make_head
+from isomax_jax.models.resnet import CifarResNet
+from isomax_jax.models.vit import VisionTransformer
 from isomax_jax.torch_import import convert_state_dict, load_torch_checkpoint, to_torch_state_dict
 
 
@@ -418,3 +421,161 @@ def test_bfloat16_variables_save_as_bfloat16_tensors(tmp_path):
     assert back["params"]["classifier"]["kernel"].dtype == jnp.bfloat16
     jax.tree.map(np.testing.assert_array_equal, back["params"], variables["params"])
     assert not list(tmp_path.glob("*.partial-*"))
+
+
+# ---- torchvision's layout and backbone-only loading (issue 18.2) ------------------------------
+
+SMALL_VIT = {"image_size": 32, "patch_size": 8, "num_layers": 1, "num_heads": 2}
+
+
+def _small_vit_model(head="softmax", **head_fields):
+    return Classifier(
+        backbone=VisionTransformer(**SMALL_VIT, hidden_dim=8, mlp_dim=16),
+        classifier=make_head(head, num_classes=3, **head_fields),
+    )
+
+
+def _variables_at(model, image_shape, seed=0):
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), abstract)
+
+
+def test_torchvision_resnet_keys_and_round_trip():
+    model = get_model("tv_resnet18", num_classes=10, head="softmax")
+    variables = _random_variables(model)
+    state = to_torch_state_dict(model, variables)
+    backbone = variables["params"]["backbone"]
+    np.testing.assert_array_equal(state["fc.weight"], variables["params"]["classifier"]["kernel"].T)
+    np.testing.assert_array_equal(
+        state["layer2.0.downsample.0.weight"],
+        backbone["layer2_0"]["downsample_0"]["kernel"].transpose(3, 2, 0, 1),
+    )
+    np.testing.assert_array_equal(
+        state["layer2.0.downsample.1.running_var"],
+        variables["batch_stats"]["backbone"]["layer2_0"]["downsample_1"]["var"],
+    )
+    assert state["conv1.weight"].shape == (64, 3, 7, 7)
+    assert "layer4.1.bn2.num_batches_tracked" in state and "fc.bias" in state
+    assert not any(k.startswith("classifier") or k.endswith("temperature") for k in state)
+    assert state._metadata == {"": {"isomax_jax": {"head": "softmax"}}}
+    jax.tree.map(np.testing.assert_array_equal, convert_state_dict(model, state), variables)
+
+
+def test_isomax_head_in_torchvision_layout_and_its_temperature():
+    model = get_model("tv_resnet18", num_classes=10, head="dismax", temperature=2.0)
+    variables = _random_variables(model)
+    state = to_torch_state_dict(model, variables)
+    assert {k for k in state if k.startswith("fc.")} == {
+        "fc.prototypes",
+        "fc.distance_scale",
+        "fc.temperature",
+    }
+    assert state["fc.temperature"].tolist() == [2.0]
+    jax.tree.map(np.testing.assert_array_equal, convert_state_dict(model, state), variables)
+    cold = get_model("tv_resnet18", num_classes=10, head="dismax")
+    with pytest.raises(ValueError, match=r"fc.temperature is \[2.0\].*temperature=2.0"):
+        convert_state_dict(cold, state)
+
+
+def test_vision_transformer_keys_are_torchvisions():
+    model = _small_vit_model()
+    variables = _variables_at(model, (32, 32, 3))
+    state = to_torch_state_dict(model, variables)
+    layer = "encoder.layers.encoder_layer_0."
+    block = [
+        "ln_1.weight", "ln_1.bias", "self_attention.in_proj_weight", "self_attention.in_proj_bias",
+        "self_attention.out_proj.weight", "self_attention.out_proj.bias", "ln_2.weight",
+        "ln_2.bias", "mlp.0.weight", "mlp.0.bias", "mlp.3.weight", "mlp.3.bias",
+    ]  # fmt: skip
+    expected = [
+        "class_token", "conv_proj.weight", "conv_proj.bias", "encoder.pos_embedding",
+        *(layer + k for k in block), "encoder.ln.weight", "encoder.ln.bias", "heads.head.weight",
+        "heads.head.bias",
+    ]  # fmt: skip
+    assert sorted(state) == sorted(expected)
+    attention = variables["params"]["backbone"]["encoder"]["layers"]["encoder_layer_0"]
+    attention = attention["self_attention"]
+    assert state[layer + "self_attention.in_proj_weight"].shape == (24, 8)  # [3D, D]
+    np.testing.assert_array_equal(
+        state[layer + "self_attention.in_proj_weight"], attention["in_proj"]["kernel"].T
+    )
+    assert state["conv_proj.weight"].shape == (8, 3, 8, 8)
+    assert state["encoder.pos_embedding"].shape == (1, 17, 8)
+    # The default image shape is the ViT's own. No BatchNorm: batch_stats is empty.
+    back = convert_state_dict(model, state)
+    assert back["batch_stats"] == {}
+    jax.tree.map(np.testing.assert_array_equal, back["params"], variables["params"])
+    with pytest.raises(ValueError, match="must be 32×32"):
+        convert_state_dict(model, state, image_shape=(64, 64, 3))
+
+
+def test_backbone_only_keeps_a_fresh_head_and_checks_the_backbone():
+    # A tiny get_model-like model, so that model.init (the reference for the head) is cheap.
+    def tiny(head, num_classes):
+        return Classifier(
+            backbone=CifarResNet(stage_sizes=(), widths=(), stem_width=4),  # conv1, bn1
+            classifier=make_head(head, num_classes=num_classes),
+        )
+
+    source = tiny("softmax", 10)
+    state = to_torch_state_dict(source, _variables_at(source, (8, 8, 3)))  # records softmax
+    target = tiny("isomax_plus", 3)
+    key = jax.random.key(7)
+    loaded = convert_state_dict(target, state, image_shape=(8, 8, 3), backbone_only=True, key=key)
+    init = jax.jit(target.init)(key, jnp.zeros((1, 8, 8, 3)))
+    jax.tree.map(
+        np.testing.assert_array_equal, loaded["params"]["classifier"], init["params"]["classifier"]
+    )
+    backbone = convert_state_dict(source, state, image_shape=(8, 8, 3))
+    jax.tree.map(np.testing.assert_array_equal, loaded["batch_stats"], backbone["batch_stats"])
+    jax.tree.map(
+        np.testing.assert_array_equal, loaded["params"]["backbone"], backbone["params"]["backbone"]
+    )
+
+    with pytest.raises(ValueError, match="needs `key`"):
+        convert_state_dict(target, state, image_shape=(8, 8, 3), backbone_only=True)
+    broken = dict(state)
+    del broken["bn1.weight"]
+    broken["layer9.conv.weight"] = broken["conv1.weight"]
+    with pytest.raises(ValueError) as info:
+        convert_state_dict(target, broken, image_shape=(8, 8, 3), backbone_only=True, key=key)
+    assert "missing keys (1): bn1.weight" in str(info.value)
+    assert "unexpected keys (1): layer9.conv.weight" in str(info.value)
+    with pytest.raises(ValueError, match="needs a model with a `backbone`"):
+        convert_state_dict(
+            _Mlp(classifier=nn.Dense(3)), {}, image_shape=(4,), backbone_only=True, key=key
+        )
+
+
+def test_backbone_only_torchvision_file_into_an_isomax_model(tmp_path):
+    torch = pytest.importorskip("torch")
+    imagenet = get_model("tv_resnet18", num_classes=1000, head="softmax")
+    variables = _random_variables(imagenet)
+    torch_import.save_torch_checkpoint(imagenet, variables, tmp_path / "imagenet.pth")
+    model = get_model("tv_resnet18", num_classes=10, head="isomax_plus")
+    with pytest.raises(ValueError, match="'softmax' head, but this model has the 'isomax_plus'"):
+        load_torch_checkpoint(model, tmp_path / "imagenet.pth")
+    state = torch.load(tmp_path / "imagenet.pth", weights_only=True)
+    with pytest.raises(ValueError, match=r"missing keys \(2\): fc.distance_scale, fc.prototypes"):
+        convert_state_dict(model, dict(state))  # the keys say so too
+    loaded = load_torch_checkpoint(
+        model, tmp_path / "imagenet.pth", backbone_only=True, key=jax.random.key(0)
+    )
+    jax.tree.map(
+        np.testing.assert_array_equal, loaded["params"]["backbone"], variables["params"]["backbone"]
+    )
+    jax.tree.map(np.testing.assert_array_equal, loaded["batch_stats"], variables["batch_stats"])
+    assert loaded["params"]["classifier"]["prototypes"].shape == (10, 512)
+
+
+def test_layout_follows_the_backbone():
+    class Custom(CifarResNet):
+        torch_layout: ClassVar[str] = "timm"
+
+    model = Classifier(
+        backbone=Custom(stage_sizes=(1,), widths=(4,), stem_width=4),
+        classifier=make_head("softmax", num_classes=3),
+    )
+    with pytest.raises(ValueError, match="Custom declares an unknown torch_layout 'timm'"):
+        to_torch_state_dict(model, _variables_at(model, (8, 8, 3)))
