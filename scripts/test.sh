@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --disable-pip-version-check -e ".[test]"
-python -m pip install -q --disable-pip-version-check --no-deps robust-deep-learning==0.5.0 pytorch-ood==0.4.0
+python -m pip install -q --disable-pip-version-check --no-deps robust-deep-learning==0.5.0 pytorch-ood==0.4.0 \
+    torchvision==0.28.0
 ruff check .
 ruff format --check .
 export ISOMAX_SHARED_DATA="${ISOMAX_SHARED_DATA:-$(cd .. && pwd)/shared/data}"

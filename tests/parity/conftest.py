@@ -6,12 +6,19 @@ reference package) cannot be imported. The reference's loss "second parts" and c
 ``.cuda()`` / ``.to('cuda')`` unconditionally; the ``torch_cpu`` fixture turns those into no-ops
 for the test's duration.
 
+torchvision (0.28.0, installed with ``--no-deps`` beside the CPU torch) is the reference of the
+``tv_*`` models. Its compiled ops do not load with this torch build, and its package ``__init__``
+imports ``torchvision._meta_registrations``, which registers fake kernels for those ops and fails
+without them; the models never use the ops. :func:`import_torchvision` therefore puts an empty
+``torchvision._meta_registrations`` into ``sys.modules`` before ``import torchvision``; the
+``torchvision`` fixture skips when it still cannot be imported.
+
 pytorch-ood's package ``__init__`` imports its dataset, model and augmentation modules, which
-import torchvision; the torchvision wheels on the registry do not load beside the CPU torch wheel,
-and pytorch-ood's detectors never use it. The ``pytorch_ood`` fixture therefore puts a stub
-``torchvision`` (the submodules pytorch-ood imports, whose attributes are inert placeholder
-classes) into ``sys.modules`` *before* importing pytorch_ood, unless a working torchvision
-imports.
+import torchvision; pytorch-ood's detectors never use it. The ``pytorch_ood`` fixture imports the
+real torchvision as above when it can, and otherwise puts a stub ``torchvision`` (the submodules
+pytorch-ood imports, whose attributes are inert placeholder classes) into ``sys.modules``
+*before* importing pytorch_ood. Within one process both fixtures see the same torchvision,
+whichever runs first.
 """
 
 import importlib.util
@@ -48,15 +55,38 @@ class _TorchvisionStub(types.ModuleType):
         return placeholder
 
 
+def _forget_torchvision() -> None:
+    """Removes torchvision and its submodules from ``sys.modules`` (a failed import's debris)."""
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+
+
+def import_torchvision() -> types.ModuleType | None:
+    """The real torchvision, imported with ``_meta_registrations`` stubbed; None if it cannot be
+    (not installed, or stubbed for pytorch-ood already)."""
+    module = sys.modules.get("torchvision")
+    if module is not None:
+        return None if isinstance(module, _TorchvisionStub) else module
+    for package in ("torch", "torchvision"):
+        if importlib.util.find_spec(package) is None:
+            return None
+    # Fake kernels of the compiled ops, which fail without them; the models never use them.
+    sys.modules["torchvision._meta_registrations"] = types.ModuleType(
+        "torchvision._meta_registrations"
+    )
+    try:
+        import torchvision
+    except Exception:  # a wheel that does not load beside this torch even so
+        _forget_torchvision()
+        return None
+    return torchvision
+
+
 def install_torchvision_stub() -> bool:
     """Stubs torchvision in ``sys.modules`` unless a working one imports; True if stubbed."""
     if isinstance(sys.modules.get("torchvision"), _TorchvisionStub):
         return True
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # missing, or a wheel that does not load beside this torch
-        pass
-    else:
+    if import_torchvision() is not None:
         return False
     for name in TORCHVISION_MODULES:
         module = _TorchvisionStub(name)
@@ -66,6 +96,19 @@ def install_torchvision_stub() -> bool:
         if parent:
             setattr(sys.modules[parent], child, module)
     return True
+
+
+@pytest.fixture(scope="session")
+def torchvision():
+    """The real ``torchvision`` package (0.28.0 in CI), the reference of the ``tv_*`` models.
+
+    Skips when torch or torchvision is not installed, or torchvision does not import (or was
+    stubbed for pytorch-ood because it did not).
+    """
+    module = import_torchvision()
+    if module is None:
+        pytest.skip("torchvision cannot be imported (pip install --no-deps torchvision==0.28.0)")
+    return module
 
 
 @pytest.fixture(scope="session")
