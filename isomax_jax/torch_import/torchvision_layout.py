@@ -39,12 +39,6 @@ class TorchvisionLayout(Layout):
     def __init__(self, head_prefix: str):
         self.head_prefix = head_prefix
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, TorchvisionLayout) and other.head_prefix == self.head_prefix
-
-    def __hash__(self) -> int:
-        return hash((self.name, self.head_prefix))
-
     def module_names(self, modules: tuple[str, ...]) -> list[str]:
         parts: list[str] = []
         for name in modules:
