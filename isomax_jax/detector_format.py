@@ -82,7 +82,7 @@ def write(path: str | os.PathLike, meta: Mapping[str, Any], state: Mapping[str, 
     arrays[_META] = np.asarray(json.dumps(dict(meta), sort_keys=True))
     partial = path + ".partial"
     with open(partial, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, **arrays)  # pyright: ignore[reportArgumentType]  # numpy's stub matches **arrays to allow_pickle
     os.replace(partial, path)
 
 

@@ -305,7 +305,8 @@ class _Forward:
         images = np.concatenate(images) if images else np.zeros((0,), np.float32)
         if not len(images):
             return np.zeros(0, np.float32)
-        chunks = np.array_split(images, -(-len(images) // self.size))
+        # self.size is set by the first padded batch, before any image is scored.
+        chunks = np.array_split(images, -(-len(images) // self.size))  # pyright: ignore[reportOperatorIssue]
         return np.concatenate(
             [
                 np.asarray(det.score_images(state, self._outputs, jnp.asarray(c), **head_inputs))
@@ -322,7 +323,7 @@ def _check_outputs(name: str, outputs: Mapping[str, np.ndarray]) -> None:
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
             raise ValueError(
-                f"set {name!r}: {int(bad.sum())} of {len(bad)} examples give non-finite {key} "
+                f"set {name!r}: {int(bad.sum())} of {bad.size} examples give non-finite {key} "
                 f"(NaN/inf), the first at index {first} of this process's examples: NaN or inf "
                 "images from the input pipeline, or a diverged model."
             )

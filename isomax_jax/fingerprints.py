@@ -21,7 +21,8 @@ def host_array(x: Any) -> np.ndarray | None:
     """The bytes to hash: a C-contiguous host copy of ``x`` (a PRNG key as its key data), or
     ``None`` for an array sharded across processes."""
     if isinstance(x, jax.Array):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        # jax.dtypes.issubdtype is public (documented) but missing from jax.dtypes' __all__.
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # pyright: ignore[reportPrivateImportUsage]
             x = jax.random.key_data(x)
         if not x.is_fully_addressable:
             if not x.is_fully_replicated:
@@ -43,7 +44,9 @@ def fingerprint(items: Any) -> dict[str, Any]:
         entry = {"dtype": None, "shape": None, "sha256": None}
         if array is not None:
             digest = hashlib.sha256(array.dtype.str.encode() + str(array.shape).encode())
-            digest.update(memoryview(array.reshape(-1).view(np.uint8)))
+            # ndarray implements the buffer protocol; numpy's stubs declare __buffer__ only for
+            # Python >= 3.12.
+            digest.update(memoryview(array.reshape(-1).view(np.uint8)))  # pyright: ignore[reportArgumentType]
             entry = {"dtype": array.dtype.name, "shape": list(array.shape)}
             entry["sha256"] = digest.hexdigest()
         leaves[jax.tree_util.keystr(key_path)] = entry

@@ -78,7 +78,9 @@ class TPRResolutionWarning(UserWarning):
     """The score sets are too small to resolve the target TPR (``tnr_at_tpr`` is NaN)."""
 
 
-def prepare_scores(scores, mask, name: str, mask_name: str) -> tuple[jax.Array, jax.Array]:
+def prepare_scores(
+    scores: jax.typing.ArrayLike, mask: jax.typing.ArrayLike | None, name: str, mask_name: str
+) -> tuple[jax.Array, jax.Array]:
     """Static checks of a score set and its mask (also under ``jit``).
 
     Returns:
@@ -112,7 +114,7 @@ def prepare_scores(scores, mask, name: str, mask_name: str) -> tuple[jax.Array, 
     return scores, mask
 
 
-def check_score_values(scores, mask, name: str, mask_name: str) -> int:
+def check_score_values(scores: jax.Array, mask: jax.Array, name: str, mask_name: str) -> int:
     """Eager value checks of a concrete score set, reduced on device (two scalars reach the host).
 
     Concrete inputs may also be constants inside a caller's ``jit``: the reduction is then
@@ -140,7 +142,7 @@ def _count_valid_bad(scores, mask):
     return jnp.sum(mask, dtype=jnp.int32), jnp.sum(mask & ~jnp.isfinite(scores), dtype=jnp.int32)
 
 
-def check_tpr(tpr) -> None:
+def check_tpr(tpr: jax.typing.ArrayLike) -> None:
     """Raises ``ValueError`` unless a concrete ``tpr`` is a float scalar in (0, 1)."""
     if validation.is_concrete(tpr):
         t = np.asarray(tpr)
@@ -280,7 +282,9 @@ _UNRESOLVED = {
 }
 
 
-def tpr_resolved(n: int, tpr: float, convention: str = "reference", dtype=np.float32) -> bool:
+def tpr_resolved(
+    n: int, tpr: float, convention: str = "reference", dtype: jax.typing.DTypeLike = np.float32
+) -> bool:
     """Whether ``n`` positive scores resolve ``tpr``, with the rates computed in ``dtype``.
 
     The positives are the in-distribution scores in the ``"reference"`` convention and the OOD
@@ -307,7 +311,9 @@ def tpr_resolved(n: int, tpr: float, convention: str = "reference", dtype=np.flo
     return bool(np.any(np.arange(n, dtype=dtype) / dtype(n) >= t))
 
 
-def min_resolvable_count(tpr: float, convention: str = "reference", dtype=np.float32) -> int:
+def min_resolvable_count(
+    tpr: float, convention: str = "reference", dtype: jax.typing.DTypeLike = np.float32
+) -> int:
     """The smallest number of positive scores that resolves ``tpr`` (:func:`tpr_resolved`).
 
     Example:

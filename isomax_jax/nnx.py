@@ -45,7 +45,8 @@ class _Head(nnx.Module):
             )
         self.temperature = temperature
         self.method = method
-        self._init_params(num_features, num_classes, param_dtype, rngs)
+        # Every concrete head defines _init_params (this base class is never instantiated).
+        self._init_params(num_features, num_classes, param_dtype, rngs)  # pyright: ignore[reportAttributeAccessIssue]
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -96,7 +97,8 @@ class _NormalizedHead(_Head):
 
     def __call__(self, features: jax.typing.ArrayLike) -> jax.Array:
         """Maps ``[batch, features]`` to ``[batch, num_classes]`` logits."""
-        return type(self)._logits(
+        # IsoMax+ and DisMax set _logits to their pure function (None only on this base).
+        return type(self)._logits(  # pyright: ignore[reportOptionalCall]
             features,
             self.prototypes[...],
             self.distance_scale[...],

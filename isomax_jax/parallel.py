@@ -30,7 +30,9 @@ DATA_AXIS = "data"
 PMAP_AXIS = "batch"
 
 
-def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+# jax.Device is the runtime's device class, bound by assignment in jax/__init__.py, which
+# pyright does not accept as a type expression (its stubs declare no class of that name).
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:  # pyright: ignore[reportInvalidTypeForm]
     """A 1-D mesh named ``"data"`` over ``devices`` (default: all devices of all processes).
 
     Example:
@@ -157,7 +159,10 @@ def sharded_eval_step(
 
 
 def replicate(
-    tree: Any, devices: Sequence[jax.Device] | None = None, *, axis_name: str = PMAP_AXIS
+    tree: Any,
+    devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]  # as data_mesh
+    *,
+    axis_name: str = PMAP_AXIS,
 ) -> Any:
     """Stacks a pytree along a new leading device axis for ``pmap`` (local devices only).
 

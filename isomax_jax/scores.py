@@ -156,7 +156,7 @@ def mmles(logits: jax.typing.ArrayLike) -> jax.Array:
     return jnp.max(logits, axis=1) + jnp.mean(logits, axis=1) + _negative_entropy(logits)
 
 
-def energy(logits: jax.typing.ArrayLike, *, temperature: float = 1.0) -> jax.Array:
+def energy(logits: jax.typing.ArrayLike, *, temperature: jax.typing.ArrayLike = 1.0) -> jax.Array:
     """Negative free energy ``T logsumexp(logits / T)``, ``[B, C]`` -> ``[B]``.
 
     Not in the IsoMax papers; a common baseline (Liu et al., "Energy-based Out-of-distribution

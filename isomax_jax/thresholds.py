@@ -129,7 +129,7 @@ class OODDetector:
         self.detector.check_state(state)
         set_("state", dict(state))
 
-    def __setattr__(self, name, value):
+    def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"OODDetector is immutable; cannot set {name!r}.")
 
     @property
@@ -232,7 +232,9 @@ class OODDetector:
         out = self.detector.score(self.state, head_fn=head_fn, kernel=kernel, bias=bias, **inputs)
         return out[0] if single else out
 
-    def is_in_distribution(self, logits=None, **inputs: Any) -> jax.Array:
+    def is_in_distribution(
+        self, logits: jax.typing.ArrayLike | None = None, **inputs: Any
+    ) -> jax.Array:
         """Bool, a scalar for one input or ``[B]`` for a batch: ``score >= threshold``.
 
         Takes the inputs of :meth:`scores`.
@@ -248,7 +250,7 @@ class OODDetector:
         """
         return self.scores(logits, **inputs) >= self.threshold
 
-    def is_ood(self, logits=None, **inputs: Any) -> jax.Array:
+    def is_ood(self, logits: jax.typing.ArrayLike | None = None, **inputs: Any) -> jax.Array:
         """Bool: ``score < threshold`` (the negation of :meth:`is_in_distribution`)."""
         return jnp.logical_not(self.is_in_distribution(logits, **inputs))
 
@@ -330,7 +332,7 @@ class OODDetector:
             raise ValueError(f"detector JSON cannot be parsed: {e}") from e
         return cls.from_dict(data)
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the detector, its fitted arrays and the threshold to one ``.npz`` file.
 
         The arrays are stored as they are (no pickle); the rest as JSON inside the file
@@ -340,7 +342,7 @@ class OODDetector:
         detector_format.write(path, self._meta(), self.state)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> OODDetector:
+    def load(cls, path: str | os.PathLike[str]) -> OODDetector:
         """The detector a :meth:`save` wrote (``ValueError`` naming the file if it is not one).
 
         Example:
@@ -373,7 +375,9 @@ class OODDetector:
             return False
         return True
 
-    __hash__ = None  # holds arrays
+    # Unhashable (holds arrays): the data model's `__hash__ = None`, which typeshed's
+    # `object.__hash__` signature does not admit.
+    __hash__ = None  # pyright: ignore[reportAssignmentType]
 
     def __repr__(self) -> str:
         state = {k: f"{tuple(np.shape(v))} {np.asarray(v).dtype}" for k, v in self.state.items()}

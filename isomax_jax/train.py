@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import chex
 import flax.struct
@@ -48,7 +48,7 @@ class LossConfig:
     fpr: bool = False
     fpr_alpha: float = 1.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         registry.head(self.head)
         if self.fpr and self.head != "dismax":
             raise ValueError(f"fpr=True needs head='dismax', got head={self.head!r}")
@@ -209,7 +209,7 @@ def create_train_state(
     init_key, step_key = jax.random.split(key)
     if variables is None:
         # One compiled initialisation (eager init runs op by op: tens of seconds for a ResNet).
-        variables = _jitted_init(model, tuple(input_shape))(init_key)
+        variables = cast(Mapping[str, Any], _jitted_init(model, tuple(input_shape))(init_key))
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32),

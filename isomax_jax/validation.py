@@ -25,18 +25,21 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def is_concrete(*xs) -> bool:
+def is_concrete(*xs: Any) -> bool:
     """True when no leaf of ``xs`` (pytrees allowed) is a JAX tracer, so values can be read."""
-    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(xs))
+    # jax.core.Tracer exists at runtime; jax's type stubs no longer export jax.core.
+    tracer = jax.core.Tracer  # pyright: ignore[reportAttributeAccessIssue]
+    return not any(isinstance(x, tracer) for x in jax.tree.leaves(xs))
 
 
-def as_array(name: str, x) -> jax.Array:
+def as_array(name: str, x: Any) -> jax.Array:
     """``jnp.asarray(x)``, refusing a tuple or list of arrays with a message naming ``name``.
 
     A model's ``apply`` often returns ``(logits, features)``; passing that pair where one array
@@ -112,7 +115,7 @@ def _check_real_scalar(name: str, value) -> None:
         raise ValueError(f"`{name}` must be a scalar; got shape {tuple(np.shape(value))}.")
 
 
-def check_positive_scalar(name: str, value) -> None:
+def check_positive_scalar(name: str, value: Any) -> None:
     """Checks a scalar that must be finite and ``> 0`` (a temperature, a scale).
 
     Static properties (a real number, rank 0) are checked always, also while tracing; the value
@@ -136,7 +139,9 @@ def check_positive_scalar(name: str, value) -> None:
             raise ValueError(f"`{name}` must be a finite number > 0; got {number!r}.")
 
 
-def check_temperature(temperature, *, name: str = "temperature"):
+def check_temperature(
+    temperature: jax.typing.ArrayLike, *, name: str = "temperature"
+) -> jax.typing.ArrayLike:
     """The one temperature check of the library; returns the temperature to compute with.
 
     Every function and module that takes a temperature (the logit maps of
@@ -160,10 +165,12 @@ def check_temperature(temperature, *, name: str = "temperature"):
     check_positive_scalar(name, temperature)
     if is_concrete(temperature):
         return temperature
-    return jnp.where(jnp.isfinite(temperature) & (temperature > 0), temperature, jnp.nan)
+    # A tracer here (ArrayLike's Python scalars returned above), so `>` is defined.
+    positive = temperature > 0  # pyright: ignore[reportOperatorIssue]
+    return jnp.where(jnp.isfinite(temperature) & positive, temperature, jnp.nan)
 
 
-def check_int(name: str, value, *, minimum: int = 1, allow_none: bool = False) -> None:
+def check_int(name: str, value: Any, *, minimum: int = 1, allow_none: bool = False) -> None:
     """A hyperparameter that must be a Python (or NumPy) int ``>= minimum`` (bools refused).
 
     Example:
@@ -175,7 +182,8 @@ def check_int(name: str, value, *, minimum: int = 1, allow_none: bool = False) -
     if value is None and allow_none:
         return
     ok = isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
-    if not ok or value < minimum:
+    # `ok` guards the comparison (value is an int there); pyright cannot narrow through it.
+    if not ok or value < minimum:  # pyright: ignore[reportOptionalOperand]
         what = {1: "a positive int", 0: "a non-negative int"}.get(minimum, f"an int >= {minimum}")
         none = "None or " if allow_none else ""
         raise ValueError(f"`{name}` must be {none}{what}; got {value!r}.")
@@ -183,7 +191,7 @@ def check_int(name: str, value, *, minimum: int = 1, allow_none: bool = False) -
 
 def check_real(
     name: str,
-    value,
+    value: Any,
     *,
     minimum: float | None = None,
     maximum: float | None = None,
@@ -208,11 +216,13 @@ def check_real(
     if value is None and allow_none:
         return
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
-    ok = ok and bool(np.isfinite(value))
+    # `ok` guards each use below (value is a real number there); pyright narrows `value` to
+    # numbers.Real, whose stub has no ufunc or float comparisons.
+    ok = ok and bool(np.isfinite(value))  # pyright: ignore[reportArgumentType, reportCallIssue]
     if ok and minimum is not None:
-        ok = value > minimum if strict else value >= minimum
+        ok = value > minimum if strict else value >= minimum  # pyright: ignore[reportOperatorIssue]
     if ok and maximum is not None:
-        ok = value <= maximum
+        ok = value <= maximum  # pyright: ignore[reportOptionalOperand]
     if not ok:
         if minimum == 0 and maximum is None:
             what = "a positive number" if strict else "a non-negative number"
@@ -262,13 +272,15 @@ def check_finite(name: str, x: jax.typing.ArrayLike) -> None:
         )
 
 
-def compute_dtype(*dtypes) -> jnp.dtype:
+def compute_dtype(*dtypes: jax.typing.DTypeLike) -> jnp.dtype:
     """The dtype distances, losses and scores are computed in: the inputs' common type, at least
     float32 (so bfloat16/float16 inputs give float32 results)."""
     return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
-def check_logits_labels(logits, labels) -> tuple[jax.Array, jax.Array]:
+def check_logits_labels(
+    logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike
+) -> tuple[jax.Array, jax.Array]:
     """Checks ``[batch, num_classes]`` floating logits and ``[batch]`` integer labels.
 
     Returns the logits in the compute dtype (float32 or wider) and the labels as arrays.

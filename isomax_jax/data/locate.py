@@ -47,7 +47,7 @@ from isomax_jax.data.builders import OOD_BUILDERS
 
 __all__ = ["DataNotFoundError", "build_target", "load_builder", "resolve_data_dirs"]
 
-DataDir = str | os.PathLike | Sequence[str | os.PathLike] | None
+DataDir = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -191,7 +191,7 @@ def load_builder(
     manual_dir: str | os.PathLike | None = None,
     build_dir: str | os.PathLike | None = None,
     download: bool = False,
-):
+) -> tfds.core.DatasetBuilder:
     """Returns a prepared tfds builder for the first candidate found (or buildable).
 
     Args:

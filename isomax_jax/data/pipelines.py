@@ -88,7 +88,7 @@ def _process_layout(process_index, process_count) -> tuple[int, int]:
     return index, count
 
 
-def _per_process_batch(batch_size, process_count: int, num_devices) -> int:
+def _per_process_batch(batch_size: int, process_count: int, num_devices: int | None) -> int:
     if (
         isinstance(batch_size, bool)
         or not isinstance(batch_size, int | np.integer)
@@ -280,7 +280,8 @@ def eval_dataset(
     )
     # No tfds auto-cache: a pass may stop early (capped evaluation), which makes TF warn.
     read_config = tfds.ReadConfig(try_autocache=False)
-    full = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
+    # tfds's logging decorator hides as_dataset's signature (split=...) from type checkers.
+    full = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)  # pyright: ignore[reportCallIssue]
     n = int(full.cardinality())
     if n < 0:
         n = int(full.reduce(np.int64(0), lambda c, _: c + 1))

@@ -50,7 +50,8 @@ def _load_split_cached(name: str, tfds_name: str, split: str, data_dirs: tuple, 
     builder = locate.load_builder(
         name, (tfds_name,), data_dir=list(data_dirs) or None, download=download
     )
-    ds = builder.as_dataset(split=split, shuffle_files=False).batch(4096)
+    # tfds's logging decorator hides as_dataset's signature (split=...) from type checkers.
+    ds = builder.as_dataset(split=split, shuffle_files=False).batch(4096)  # pyright: ignore[reportCallIssue]
     chunks = list(tfds.as_numpy(ds))
     if not chunks:
         raise ValueError(f"split {split!r} of {name!r} is empty")
@@ -74,7 +75,8 @@ def load_split(
     elif isinstance(data_dir, str | bytes) or hasattr(data_dir, "__fspath__"):
         dirs = (str(data_dir),)
     else:
-        dirs = tuple(str(d) for d in data_dir)
+        # A sequence of paths here (str and os.PathLike were handled above).
+        dirs = tuple(str(d) for d in data_dir)  # pyright: ignore[reportGeneralTypeIssues]
     return _load_split_cached(name, tfds_name, split, dirs, bool(download))
 
 
@@ -144,7 +146,8 @@ class TrainBatches:
         self._put = put
         self._prefetch = int(prefetch)
         self._next = self.start_step
-        self._queue: queue.Queue | None = None
+        # Created with the prefetch thread, on the first __next__ (None until then).
+        self._queue: queue.Queue = None  # pyright: ignore[reportAttributeAccessIssue]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._permutation_cache: tuple[int, np.ndarray] | None = None

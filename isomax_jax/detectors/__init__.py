@@ -52,6 +52,7 @@ gmm                      GMM          features, labels                all
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from isomax_jax.detectors import (
     activation,
@@ -95,7 +96,7 @@ def hyperparameters(name: str) -> dict[str, object]:
     return {f.name: f.default for f in dataclasses.fields(cls)}
 
 
-def get(name: str, **hparams) -> Detector:
+def get(name: str, **hparams: Any) -> Detector:
     """The detector ``name`` with hyperparameters ``hparams`` (defaults: the papers').
 
     Raises:

@@ -10,6 +10,7 @@ activations, as in the papers. ASH-S and SCALE share the sharpening factor
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +61,7 @@ class ReAct(Detector):
     score_inputs = frozenset({"features", "head_fn"})
     state_keys = frozenset({"threshold"})
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_percentile(self.percentile)
         validation.check_int("chunk", self.chunk)
 
@@ -88,7 +89,9 @@ class _PercentileAccumulator(streaming.Accumulator):
     def __init__(self, q: float):
         self.q = q
         self.n = 0
-        self.dtype = self.bits = None
+        # Set by the first batch (the widths and dtype are not known before): None until then.
+        self.dtype: Any = None
+        self.bits: Any = None
         self.targets: list[list[int]] = []  # per order statistic: [prefix, remaining rank]
         self.hist: list[np.ndarray] = []
         self.resolved = 0  # digits resolved so far
@@ -196,7 +199,7 @@ class ASH(Detector):
     title = "ASH"
     score_inputs = frozenset({"features", "head_fn"})
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_percentile(self.percentile)
 
     def _score(self, state, head_fn, *, features):
@@ -239,7 +242,7 @@ class SCALE(Detector):
     heads = frozenset({"softmax", "isomax"})
     score_inputs = frozenset({"features", "head_fn"})
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_percentile(self.percentile)
 
     def _score(self, state, head_fn, *, features):

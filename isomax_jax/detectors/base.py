@@ -49,7 +49,8 @@ def model_outputs(outputs: Any, name: str = "apply_fn") -> tuple[jax.Array, jax.
     if isinstance(outputs, tuple | list) and len(outputs) == 2:
         return outputs[0], outputs[1]
     if hasattr(outputs, "shape") and hasattr(outputs, "dtype"):
-        return outputs, None
+        # An array (hasattr does not narrow the type of `outputs` for pyright).
+        return outputs, None  # pyright: ignore[reportReturnType]
     what = f"a {type(outputs).__name__}"
     if isinstance(outputs, tuple | list):
         what += f" of {len(outputs)} items"
@@ -305,7 +306,8 @@ class Detector:
         """
         if not self.state_keys:
             return
-        keys = sorted(state) if isinstance(state, Mapping) else None
+        # A state is a dict with string keys (pyright sees any Mapping of pytrees).
+        keys = sorted(state) if isinstance(state, Mapping) else None  # pyright: ignore[reportArgumentType]
         if keys is None or not self.state_keys <= set(keys):
             got = f"keys {keys}" if keys is not None else f"a {type(state).__name__}"
             raise ValueError(

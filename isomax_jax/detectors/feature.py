@@ -128,7 +128,7 @@ class Mahalanobis(Detector):
     score_inputs = frozenset({"features"})
     state_keys = frozenset(_STATE)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_common(self)
         validation.check_real("eps", self.eps, minimum=0)
         check_norm_std(self.norm_std)
@@ -197,7 +197,7 @@ class RelativeMahalanobis(Detector):
     score_inputs = frozenset({"features"})
     state_keys = frozenset((*_STATE, "background_mean", "background_whitening"))
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _check_common(self)
 
     def _fit(self, *, features, labels, logits, **_):
@@ -206,7 +206,9 @@ class RelativeMahalanobis(Detector):
     def accumulator(self, **head):
         return _GaussianAccumulator(self, self.num_classes, background=True)
 
-    _prepare = Mahalanobis._prepare
+    # The same inputs as Mahalanobis (features): its keyword-only signature stands in for
+    # the base's **arrays dispatch, as every detector's own _prepare does.
+    _prepare = Mahalanobis._prepare  # pyright: ignore[reportAssignmentType]
 
     def _score(self, state, head_fn, *, features):
         d0 = gaussian.direct_squared_distance(

@@ -33,6 +33,7 @@ term, not next to their difference, which is why the float32 tests use this boun
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,10 +53,11 @@ class ClassMoments:
 
     def __init__(self, num_classes: int | None = None):
         self.num_classes = num_classes
-        self.shift: np.ndarray | None = None  # the first chunk's mean: keeps the sums small
+        # Set by the first chunk (the width is not known before): None until then.
+        self.shift: Any = None  # the first chunk's mean: keeps the sums small
         self.counts = np.zeros(num_classes or 0, np.int64)
-        self.sums: np.ndarray | None = None  # [C, D] sums of (x - shift)
-        self.scatter: np.ndarray | None = None  # [D, D] sum of (x - shift)(x - shift)^T
+        self.sums: Any = None  # [C, D] sums of (x - shift)
+        self.scatter: Any = None  # [D, D] sum of (x - shift)(x - shift)^T
 
     def update(self, features, labels) -> None:
         """Adds ``features [n, D]`` with integer ``labels [n]`` (labels checked by the caller)."""

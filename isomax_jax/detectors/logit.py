@@ -86,7 +86,7 @@ class Energy(_LogitDetector):
     name = "energy"
     title = "energy"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validation.check_temperature(self.temperature)
 
     def _score(self, state, head_fn, *, logits):
@@ -112,7 +112,7 @@ class GEN(_LogitDetector):
     name = "gen"
     title = "GEN"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validation.check_real("gamma", self.gamma, minimum=0, strict=True)
         validation.check_int("M", self.M)
 

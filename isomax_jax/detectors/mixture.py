@@ -60,7 +60,7 @@ class GMM(Detector):
     score_inputs = frozenset({"features"})
     state_keys = frozenset({"means", "whitening", "log_normalizer"})
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validation.check_real("ridge", self.ridge, minimum=0)
         validation.check_int("num_classes", self.num_classes, allow_none=True)
         validation.check_int("chunk", self.chunk)

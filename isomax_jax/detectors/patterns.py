@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +84,7 @@ class KLMatching(Detector):
     score_inputs = frozenset({"logits"})
     state_keys = frozenset({"log_typical", "fitted"})
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validation.check_int("chunk", self.chunk)
 
     def _fit(self, *, logits, **_):
@@ -117,7 +118,10 @@ class _TypicalPosteriors(streaming.Accumulator):
     inputs = frozenset({"logits"})
 
     def __init__(self):
-        self.sums = self.counts = self.dtype = None
+        # Set by the first batch (the widths and dtype are not known before): None until then.
+        self.sums: Any = None
+        self.counts: Any = None
+        self.dtype: Any = None
 
     def update(self, batch, pass_index):
         logits = batch["logits"]
@@ -168,7 +172,7 @@ class SHE(Detector):
     score_inputs = frozenset({"features", "logits"})
     state_keys = frozenset({"patterns"})
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validation.check_int("chunk", self.chunk)
 
     def _fit(self, *, features, logits, labels, **_):
@@ -206,7 +210,11 @@ class _ClassPatterns(streaming.Accumulator):
     inputs = frozenset({"features", "logits", "labels"})
 
     def __init__(self):
-        self.sums = self.correct = self.seen = self.dtype = None
+        # Set by the first batch (the widths and dtype are not known before): None until then.
+        self.sums: Any = None
+        self.correct: Any = None
+        self.seen: Any = None
+        self.dtype: Any = None
 
     def update(self, batch, pass_index):
         x, logits, y = batch["features"], batch["logits"], batch["labels"]
@@ -311,7 +319,7 @@ class NNGuide(Detector):
     score_inputs = frozenset({"features", "logits"})
     state_keys = frozenset({"bank", "lifted_sq_norms"})
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for field in ("k", "bank_chunk", "query_chunk"):
             validation.check_int(field, getattr(self, field))
 
@@ -353,7 +361,10 @@ class _EnergyBank(streaming.Accumulator):
 
     def __init__(self, detector: NNGuide):
         self.detector, self.parts, self.energies = detector, [], []
-        self.width = self.classes = self.dtype = None
+        # Set by the first batch (the widths and dtype are not known before): None until then.
+        self.width: Any = None
+        self.classes: Any = None
+        self.dtype: Any = None
 
     def update(self, batch, pass_index):
         x, logits = batch["features"], batch["logits"]
@@ -376,7 +387,10 @@ class _EnergyBank(streaming.Accumulator):
                 "distance heads' (negative distances)."
             )
         search = knn.KNN(k=self.detector.k, normalize=False, bank_chunk=self.detector.bank_chunk)
-        state = search.fit(features=np.concatenate(self.parts) if self.parts else None)
+        # KNN's state is a dict of arrays (State is any pytree).
+        state = cast(
+            dict[str, Any], search.fit(features=np.concatenate(self.parts) if self.parts else None)
+        )
         sq_norms = np.asarray(state["bank_sq_norms"], np.float64)
         lift = 2 * np.sqrt(np.max(sq_norms[np.isfinite(sq_norms)])) + 1
         lifted = np.where(np.isfinite(sq_norms), lift, np.inf)

@@ -50,7 +50,7 @@ def check_norm_std(norm_std) -> None:
 def perturb(
     apply_fn: Callable,
     images: jax.Array,
-    loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    loss_fn: Callable[[jax.Array, jax.Array | None], jax.Array],
     *,
     eps: float,
     norm_std: tuple[float, ...] | None,
@@ -104,7 +104,7 @@ class ODIN(Detector):
     title = "ODIN"
     score_inputs = frozenset({"logits"})
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validation.check_temperature(self.temperature)
         validation.check_real("eps", self.eps, minimum=0)
         check_norm_std(self.norm_std)

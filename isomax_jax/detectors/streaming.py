@@ -144,7 +144,8 @@ class _Spool:
         self.count = 0
 
     def write(self, batch: Mapping[str, np.ndarray]) -> None:
-        np.savez(os.path.join(self._dir.name, f"{self.count:08d}.npz"), **batch)
+        path = os.path.join(self._dir.name, f"{self.count:08d}.npz")
+        np.savez(path, **batch)  # pyright: ignore[reportArgumentType]  # numpy's stub matches **arrays to allow_pickle
         self.count += 1
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -187,7 +188,8 @@ def drive(
         for pass_index in range(1, max((a.passes for a in accumulators), default=1)):
             active = [a for a in later if a.passes > pass_index]
             again = (check_batch(b, spooled, name) for b in batches) if replayable else spool
-            for batch in again:
+            # A spool exists whenever the batches cannot be replayed.
+            for batch in again:  # pyright: ignore[reportOptionalIterable]
                 for accumulator in active:
                     accumulator.update(batch, pass_index)
     finally:

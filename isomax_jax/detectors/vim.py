@@ -69,7 +69,7 @@ class ViM(Detector):
     score_inputs = frozenset({"features", "kernel", "bias"})
     state_keys = frozenset({"origin", "null_space", "alpha"})
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validation.check_int("dim", self.dim, allow_none=True)
         validation.check_int("chunk", self.chunk)
 
@@ -142,7 +142,9 @@ class _ViMAccumulator(streaming.Accumulator):
             _, vectors = np.linalg.eigh(self.moments.covariance() + np.outer(offset, offset))
             self.null_space = vectors[:, : len(offset) - self.dim]  # eigenvalues ascend
         rows = np.asarray(rows, np.float64)
-        self.max_logit += float(np.sum(np.max(rows @ self.k64 + self.b64[None, :], axis=1)))
+        # np.float64(array) is an array (the stub types it a scalar).
+        logits = rows @ self.k64 + self.b64[None, :]  # pyright: ignore[reportIndexIssue]
+        self.max_logit += float(np.sum(np.max(logits, axis=1)))
         self.residual += float(
             np.sum(np.linalg.norm((rows - self.origin) @ self.null_space, axis=1))
         )

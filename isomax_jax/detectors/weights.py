@@ -21,6 +21,7 @@ streamed pass (``O(D)`` memory).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +81,10 @@ class _MeanAccumulator(streaming.Accumulator):
         self.detector = detector
         self.kernel = as_matrix("kernel", kernel, "[features, num_classes]")
         validation.check_finite("kernel", self.kernel)
-        self.total, self.count, self.dtype = None, 0, None
+        # Set by the first batch (the widths and dtype are not known before): None until then.
+        self.total: Any = None
+        self.count = 0
+        self.dtype: Any = None
 
     def update(self, batch, pass_index):
         rows = batch["features"]
@@ -133,7 +137,7 @@ class DICE(_LinearHeadDetector):
     score_inputs = frozenset({"features", "kernel", "bias"})
     state_keys = frozenset({"mask"})
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_percentile(self.percentile)
 
     def _head_state(self, mean, kernel, dtype):
@@ -237,7 +241,7 @@ class GradNorm(Detector):
     heads = frozenset({"softmax"})
     score_inputs = frozenset({"features", "logits"})
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         validation.check_temperature(self.temperature)
 
     def _prepare(self, state, *, features, logits):
@@ -300,7 +304,7 @@ class WeightedEBO(Detector):
     title = "WeightedEBO"
     score_inputs = frozenset({"logits"})
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "weights", _class_weights(self.weights))
 
     def _prepare(self, state, *, logits):
