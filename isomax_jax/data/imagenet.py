@@ -236,14 +236,20 @@ def imagenet_train_dataset(
     key = tf.constant([int(seed), index], tf.int64)
     first = int(start_step) * per_process
 
+    # tf.random.experimental exists at runtime; TensorFlow's stubs do not declare it. The
+    # stubs also type shuffle's seed as a Python int (a scalar int64 tensor works).
     def epoch(e):
-        epoch_key = tf.random.experimental.stateless_fold_in(key, e)
+        epoch_key = tf.random.experimental.stateless_fold_in(key, e)  # pyright: ignore[reportAttributeAccessIssue]
         shuffle_seed = tf.random.stateless_uniform(
             [], seed=epoch_key, minval=0, maxval=2**62, dtype=tf.int64
         )
-        shuffled = source.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+        shuffled = source.shuffle(
+            shuffle_buffer,
+            seed=shuffle_seed,  # pyright: ignore[reportArgumentType]
+            reshuffle_each_iteration=False,
+        )
         return shuffled.enumerate().map(
-            lambda k, ex: (tf.random.experimental.stateless_fold_in(epoch_key, k), *ex)
+            lambda k, ex: (tf.random.experimental.stateless_fold_in(epoch_key, k), *ex)  # pyright: ignore[reportAttributeAccessIssue]
         )
 
     def augment(example_seed, image, label):
@@ -349,10 +355,12 @@ def imagenet_eval_dataset(
     else:
         wanted = tf.constant(np.unique(np.asarray(classes, np.int32)))
         keep = lambda image, label: tf.reduce_any(tf.equal(label, wanted))  # noqa: E731
-        n = int(_read(builder, split).filter(keep).reduce(np.int64(0), lambda c, _: c + 1))
+        # filter() unpacks (image, label); TensorFlow's stubs type a one-argument predicate.
+        kept = _read(builder, split).filter(keep)  # pyright: ignore[reportArgumentType]
+        n = int(kept.reduce(np.int64(0), lambda c, _: c + 1))
         start, stop = index * n // count, (index + 1) * n // count
         mine = stop - start
-        ds = _read(builder, split).filter(keep).skip(start).take(mine)
+        ds = _read(builder, split).filter(keep).skip(start).take(mine)  # pyright: ignore[reportArgumentType]
     num_batches = math.ceil(math.ceil(n / count) / per_process)
 
     def crop(image, label):

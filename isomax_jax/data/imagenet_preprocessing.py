@@ -167,7 +167,8 @@ def preprocess_for_train(
     widen the filter when downscaling, as PIL), flipped left-right with probability 1/2;
     ``seed`` (int ``[2]``) fixes both choices.
     """
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    # tf.random.experimental exists at runtime; TensorFlow's stubs do not declare it.
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))  # pyright: ignore[reportAttributeAccessIssue]
     window_of = lambda shape: train_crop_window(  # noqa: E731
         shape, crop_seed, image_size=image_size, area_range=area_range,
         aspect_ratio_range=aspect_ratio_range,

@@ -118,7 +118,8 @@ def imagenet_builder(name: str, *, data_dir: DataDir, manual_dir, build_dir):
     writable = target is not None and locate._is_writable(target)
     if _has_source(tfds_name, manual_dir) and writable:
         with _no_bucket_lookup():
-            return locate._build(tfds_name, target, manual_dir, download=False)
+            # `writable` implies a target directory.
+            return locate._build(tfds_name, target, manual_dir, download=False)  # pyright: ignore[reportArgumentType]
     raise DataNotFoundError(_missing_message(name, dirs, target, writable, manual_dir))
 
 
@@ -268,8 +269,11 @@ def imagenet_o_protocol(
     builder = imagenet_builder(
         "imagenet_o", data_dir=data_dir, manual_dir=manual_dir, build_dir=build_dir
     )
+    # tfds's logging decorator hides as_dataset's signature (split=...) from type checkers.
     ds = builder.as_dataset(
-        split="test", shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
+        split="test",  # pyright: ignore[reportCallIssue]
+        shuffle_files=False,
+        decoders={"image": tfds.decode.SkipDecoding()},
     )
     names = ds.map(lambda ex: ex["file_name"]).batch(4096)
     file_names = [f.decode() for batch in tfds.as_numpy(names) for f in batch]

@@ -102,7 +102,7 @@ class OODBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     SOURCES: tuple[tuple[str, ...], ...] = ()
     MANUAL_SUBDIR: str = ""
     DOWNLOAD_URLS: tuple[str, ...] = ()
-    DESCRIPTION: str = ""
+    DESCRIPTION: str | None = ""  # a subclass's __doc__
     HOMEPAGE: str = ""
 
     def __init_subclass__(cls, **kwargs):
@@ -162,7 +162,9 @@ class OODBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             manual_dir = None
         paths = self.find_source(manual_dir)
         if paths is None:
-            paths = tuple(pathlib.Path(p) for p in dl_manager.download(list(self.DOWNLOAD_URLS)))
+            # download() of a list returns a list of paths (typed as one path by tfds).
+            urls = list(self.DOWNLOAD_URLS)
+            paths = tuple(pathlib.Path(p) for p in dl_manager.download(urls))  # pyright: ignore[reportGeneralTypeIssues]
         return {"test": self._generate_examples(paths)}
 
     def _generate_examples(self, paths):

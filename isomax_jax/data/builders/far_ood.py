@@ -107,7 +107,8 @@ class IsomaxOmniglot(OODBuilder):
                 where = f"{path}:{name}"
                 image = decode_image(data, where=where)
                 check_image(image, where=where, modes=("1", "L"), size=(105, 105))
-                small = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+                # Image.BILINEAR is Image.Resampling.BILINEAR; Pillow's stubs declare the enum only.
+                small = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)  # pyright: ignore[reportAttributeAccessIssue]
                 count += 1
                 yield f"{path.name}/{name}", to_rgb_array(small)
             if not count:
@@ -134,7 +135,8 @@ class IsomaxTextures(OODBuilder):
             w, h = image.size
             scale = IMAGE_SIZE / min(w, h)
             new_size = (max(IMAGE_SIZE, round(w * scale)), max(IMAGE_SIZE, round(h * scale)))
-            resized = image.convert("RGB").resize(new_size, Image.BILINEAR)
+            # Image.BILINEAR is Image.Resampling.BILINEAR; Pillow's stubs declare the enum only.
+            resized = image.convert("RGB").resize(new_size, Image.BILINEAR)  # pyright: ignore[reportAttributeAccessIssue]
             count += 1
             yield name, center_crop(to_rgb_array(resized))
         if not count:

@@ -27,19 +27,19 @@ the file, and nothing is left in the build directory.
 
 Sets (OpenOOD v1.5, ImageNet-1K benchmark; Zhang et al. 2023, arXiv:2306.09301):
 
-=========================  ======================  ==============================================
-builder                    OpenOOD list            folders searched (without a list)
-=========================  ======================  ==============================================
-``isomax_ssb_hard``        ``test_ssb_hard.txt``   ``images_largescale/ssb_hard``, ``ssb_hard``
-``isomax_ninco``           ``test_ninco.txt``      ``images_largescale/ninco``, ``ninco``
-``isomax_inaturalist``     ``test_inaturalist``    ``images_largescale/inaturalist``,
-                           ``.txt``                ``inaturalist``, ``iNaturalist``
-``isomax_openood_          ``test_textures.txt``   ``images_classic/texture``, ``textures``,
-textures``                                         ``dtd/images`` (the DTD release)
-``isomax_openimage_o``     ``test_openimage_o``    ``images_largescale/openimage_o``,
-                           ``.txt``                ``openimage_o``
-``isomax_imagenet_o``      (none)                  ``imagenet-o``, ``imagenet_o``
-=========================  ======================  ==============================================
+===========================  =========================  ============================================
+builder                      OpenOOD list               folders searched (without a list)
+===========================  =========================  ============================================
+``isomax_ssb_hard``          ``test_ssb_hard.txt``      ``images_largescale/ssb_hard``, ``ssb_hard``
+``isomax_ninco``             ``test_ninco.txt``         ``images_largescale/ninco``, ``ninco``
+``isomax_inaturalist``       ``test_inaturalist.txt``   ``images_largescale/inaturalist``,
+                                                        ``inaturalist``, ``iNaturalist``
+``isomax_openood_textures``  ``test_textures.txt``      ``images_classic/texture``, ``textures``,
+                                                        ``dtd/images`` (the DTD release)
+``isomax_openimage_o``       ``test_openimage_o.txt``   ``images_largescale/openimage_o``,
+                                                        ``openimage_o``
+``isomax_imagenet_o``        (none)                     ``imagenet-o``, ``imagenet_o``
+===========================  =========================  ============================================
 
 ImageNet-O (Hendrycks et al. 2021, "Natural Adversarial Examples") keeps the release's layout
 ``imagenet-o/<wnid>/<image>``: its 200 ``wnid`` folders name the ImageNet classes of its
@@ -159,7 +159,7 @@ class ImageFolderBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     LIST_ROOTS: tuple[str, ...] = ("images_largescale", "")
     FOLDERS: tuple[str, ...] = ()
     HOMEPAGE: str = "https://github.com/Jingkang50/OpenOOD"
-    DESCRIPTION: str = ""
+    DESCRIPTION: str | None = ""  # a subclass's __doc__
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
