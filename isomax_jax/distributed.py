@@ -129,7 +129,8 @@ def initialize(
                 f"coordinator_address={coordinator_address!r}, num_processes={num_processes!r}, "
                 f"process_id={process_id!r}"
             )
-        if not 0 <= process_id < num_processes:
+        # All three were given (checked just above); pyright cannot narrow through any().
+        if not 0 <= process_id < num_processes:  # pyright: ignore[reportOperatorIssue]
             raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
         if num_processes == 1:
             return False
@@ -139,11 +140,12 @@ def initialize(
             process_id=process_id,
             local_device_ids=local_device_ids,
             initialization_timeout=initialization_timeout,
-            **timeouts,
+            # Only the int timeout keywords (pyright matches **dict[str, int] to every keyword).
+            **timeouts,  # pyright: ignore[reportArgumentType]
         )
         return True
     if _cluster_detected(env):
-        jax.distributed.initialize(initialization_timeout=initialization_timeout, **timeouts)
+        jax.distributed.initialize(initialization_timeout=initialization_timeout, **timeouts)  # pyright: ignore[reportArgumentType]  # as above
         return True
     return False
 
@@ -152,9 +154,10 @@ def _seconds(name: str, value: int | None, env: Mapping[str, str], var: str, def
     """A timeout argument, else its environment variable, else the default; checked."""
     source = name
     if value is None and env.get(var):
-        value, source = env[var], var
+        # The variable's text, converted to an int just below.
+        value, source = env[var], var  # pyright: ignore[reportAssignmentType]
         try:
-            value = int(value)
+            value = int(value)  # pyright: ignore[reportArgumentType]
         except ValueError:
             raise ValueError(f"{var} must be a whole number of seconds, got {env[var]!r}") from None
     if value is None:
@@ -258,7 +261,8 @@ class PreemptionNotice:
 
     def __exit__(self, *exc) -> None:
         for signum, previous in self._previous.items():
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+            # `previous` is what signal.signal returned for signum: a valid handler.
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)  # pyright: ignore[reportArgumentType]
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
