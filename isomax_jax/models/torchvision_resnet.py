@@ -140,7 +140,8 @@ class TorchvisionResNet(nn.Module):
         )
         x = conv(64, 7, stride=2, name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        # Explicit (low, high) padding pairs work at runtime; Flax annotates padding as str.
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # pyright: ignore[reportArgumentType]
         for i, blocks in enumerate(self.stage_sizes):
             for j in range(blocks):
                 x = self.block(

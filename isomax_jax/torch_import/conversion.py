@@ -242,7 +242,8 @@ def convert(
             node = node.setdefault(name, {})
         node[path[-1]] = jnp.asarray(to_flax(kind, arrays[torch_key]), dtype=leaf.dtype)
     if backbone_only:
-        for collection, tree in _fresh_head(model, abstract, images, key).items():
+        # backbone_only without a key was refused above.
+        for collection, tree in _fresh_head(model, abstract, images, key).items():  # pyright: ignore[reportArgumentType]
             variables.setdefault(collection, {})[HEAD_MODULE] = tree[HEAD_MODULE]
     return variables
 
