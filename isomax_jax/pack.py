@@ -279,7 +279,7 @@ def _write_into(tmp, sets, normalization, sources, codec, quality) -> dict[str, 
                 "max_error": int(error.max()) if error.size else 0, "sha256": _sha256(decoded),
             }  # fmt: skip
         manifest["sets"][name] = entry
-    np.savez_compressed(tmp / LABELS_FILE, **labels_out)
+    np.savez_compressed(tmp / LABELS_FILE, **labels_out)  # pyright: ignore[reportArgumentType]  # numpy's stub matches **arrays to allow_pickle
     total += (tmp / LABELS_FILE).stat().st_size
     manifest["bytes"] = total
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -403,7 +403,9 @@ def write_from_tfds(out, names, *, data_dir=None, manual_dir=None, build_dir=Non
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m isomax_jax.pack", description=__doc__[:75])
+    parser = argparse.ArgumentParser(
+        prog="python -m isomax_jax.pack", description=(__doc__ or "")[:75]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     w = commands.add_parser("write", help="write a pack from tfds sets (needs TensorFlow)")
     w.add_argument("--out", required=True, help="the pack's directory (must not exist)")
