@@ -3,14 +3,14 @@
 Each head owns its parameters and calls the pure functions of :mod:`isomax_jax.distances`.
 Parameter names, shapes and initialisers follow the PyTorch reference (``robust_deep_learning``):
 
-================  ======================  ===================================
-head              ``prototypes [C, D]``   ``distance_scale [1]``
-================  ======================  ===================================
-IsoMaxHead        zeros                   --
-IsoMaxPlusHead    N(0, 1)                 1.0
-DisMaxHead        N(0, 1)                 1.0
-SoftMaxHead       ``kernel [D, C]`` ``U(±sqrt(1/D))``, ``bias [C]`` zeros (the linear baseline)
-================  ======================  ===================================
+================  ======================================  ========================================
+head              ``prototypes [C, D]``                   ``distance_scale [1]``
+================  ======================================  ========================================
+IsoMaxHead        zeros                                   --
+IsoMaxPlusHead    N(0, 1)                                 1.0
+DisMaxHead        N(0, 1)                                 1.0
+SoftMaxHead       ``kernel [D, C]`` ``U(±sqrt(1/D))``     ``bias [C]`` zeros (the linear baseline)
+================  ======================================  ========================================
 
 The temperature is a module attribute (not a parameter): 1 in training, set after post-hoc
 calibration (:func:`isomax_jax.calibrate_temperature`) with ``head.clone(temperature=t)``; a
