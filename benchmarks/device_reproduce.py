@@ -238,14 +238,14 @@ def part_env(args) -> dict:
 
 
 def train_seconds_that_fit(args, heads: int, evals_pending: int, compile_s: float, eval_s: float):
-    """Training seconds per head that fit in the time left: ``heads`` still to compile (all but
-    this one) and train, each evaluated on the worker thread while the next trains, the last
-    one's evaluation at the end; ``evals_pending`` evaluations still queued or running. The
-    evaluations form one chain: it must end in time too."""
+    """Training seconds per head that the time left allows: ``heads`` still to train (all but
+    this one still to compile), each evaluated on the worker thread while the next trains, the
+    last one's evaluation at the end; ``evals_pending`` evaluations still queued or running.
+    The evaluations form one chain: it must end in time too."""
     left = args.hard_limit - (time.monotonic() - START) - args.margin
     training_bound = (left - (heads - 1) * compile_s - eval_s) / heads
     evaluation_bound = left - (heads + evals_pending) * eval_s
-    return min(60 * args.minutes_per_model, training_bound, evaluation_bound)
+    return min(training_bound, evaluation_bound)
 
 
 def _first_head(args, built, data, torch: TorchSide | None, head: str) -> dict:
@@ -276,9 +276,10 @@ def _first_head(args, built, data, torch: TorchSide | None, head: str) -> dict:
             reproduce_jax.profile(args, built, data, args.profile_dir)
         except Exception as error:  # noqa: BLE001 - a diagnosis, not a result
             log(f"  profile failed: {error}")
-    seconds = train_seconds_that_fit(
+    fit = train_seconds_that_fit(
         args, len(args.heads), 0, built["compile_seconds"], args.eval_estimate
     )
+    seconds = min(60 * args.minutes_per_model, fit)
     epochs = max(1, int(seconds // timing["epoch_seconds"]))
     RESULTS["plan"] = {
         "model": args.model,

@@ -123,7 +123,7 @@ def test_side_by_side_counts_the_same_flops_for_both():
 
 def test_training_time_per_head_fits_the_compilations_and_evaluations():
     elapsed = time.monotonic() - reproduce_report.START
-    args = argparse.Namespace(hard_limit=elapsed + 110.0, margin=10.0, minutes_per_model=2.5)
+    args = argparse.Namespace(hard_limit=elapsed + 110.0, margin=10.0)
 
     def fit(*a):
         return device_reproduce.train_seconds_that_fit(args, *a)
@@ -132,8 +132,6 @@ def test_training_time_per_head_fits_the_compilations_and_evaluations():
     assert fit(3, 0, 10.0, 20.0) == pytest.approx(20.0, abs=0.5)
     # The last head with 2 evaluations still queued: the chain of 3 evaluations bounds it.
     assert fit(1, 2, 10.0, 20.0) == pytest.approx(40.0, abs=0.5)
-    args.minutes_per_model = 0.25  # and never more than --minutes-per-model
-    assert fit(1, 0, 10.0, 20.0) == pytest.approx(15.0)
 
 
 def test_learning_rate_warms_up_then_decays_linearly():
