@@ -210,7 +210,10 @@ class _TrainingLog:
     def close(self) -> None:
         self.bar.close()
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as e:  # e.g. a full disk: never hide the error that stopped the run
+                logging.warning("TensorBoard summaries of %s not flushed: %s", self.name, e)
 
 
 def _device_batches(config: Any, split, *, seed: int, start: int, total: int, mesh):

@@ -20,6 +20,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import shutil
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -67,12 +68,17 @@ def free_space(path: str | os.PathLike) -> str:
 
 
 def _error_text(error: BaseException, limit: int = 600) -> str:
-    """``Type: message`` on one line; a long message keeps its start and its end (where the OS
-    error of a nested failure is usually written)."""
-    text = " ".join(str(error).split())
+    """``Type: message`` on one line, led by the OS error when one is named (tensorstore's
+    ``[os_error_code='28']``) and without tensorstore's spec; a long message keeps its start and
+    its end."""
+    text = re.sub(r"\s*\[tensorstore_spec='.*?'\]", "", " ".join(str(error).split()))
     if len(text) > limit:
         text = f"{text[: limit // 3]} [...] {text[-(2 * limit) // 3 :]}"
-    return f"{type(error).__name__}: {text}"
+    text = f"{type(error).__name__}: {text}"
+    code = re.search(r"os_error_code='(\d+)'", str(error))
+    if code and not isinstance(error, OSError):  # an OSError says "[Errno 28] ..." itself
+        text = f"{os.strerror(int(code.group(1)))} ({text})"
+    return text
 
 
 def write_failure(what: str, path: str | os.PathLike, error: BaseException) -> str:
