@@ -201,7 +201,8 @@ def _no_leftovers(build):
     [
         ("size", r"test_1\.JPEG.*size \(48, 48\)"),
         ("mode", r"test_1\.JPEG.*mode 'CMYK'"),
-        ("garbage", r"test_1\.JPEG.*cannot decode"),
+        ("garbage", r"test_1\.JPEG.*cannot decode image \(not a format Pillow reads\)"),
+        ("truncated", r"test_1\.JPEG.*cannot decode image \(Truncated File Read\)"),
     ],
 )
 def test_bad_images_are_named_and_nothing_is_left(tmp_path, bad, match):
@@ -212,6 +213,7 @@ def test_bad_images_are_named_and_nothing_is_left(tmp_path, bad, match):
         "size": _jpeg(np.full((48, 48, 3), 100, np.uint8)),
         "mode": _jpeg(np.full((64, 64, 3), 100, np.uint8), mode="CMYK"),
         "garbage": b"\xff\xd8 not really a jpeg",
+        "truncated": _jpeg(np.full((64, 64, 3), 100, np.uint8))[:300],
     }[bad]
     _tiny_zip(manual / "tiny-imagenet-200-test.zip", [good, wrong, good])
     with pytest.raises(data.ImageError, match=match):
@@ -223,6 +225,58 @@ def test_bad_images_are_named_and_nothing_is_left(tmp_path, bad, match):
             manual_dir=manual,
         )
     _no_leftovers(build)
+
+
+def _build(name, build, manual, **kwargs):
+    builder = tfds.builder(name, data_dir=str(build), **kwargs)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual))
+    )
+    return builder
+
+
+@pytest.mark.parametrize("source", ["tiny_imagenet_zip", "odin_tarball"])
+def test_skip_bad_images_skips_and_counts_them(tmp_path, source):
+    manual, build = tmp_path / "manual", tmp_path / "build"
+    manual.mkdir()
+    rng = np.random.default_rng(0)
+    size = 64 if source == "tiny_imagenet_zip" else 32
+    good = [_jpeg(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(3)]
+    payloads = [good[0], good[1][:300], good[1], b"GIF89a? no", good[2]]  # truncated, garbage
+    if source == "tiny_imagenet_zip":
+        _tiny_zip(manual / "tiny-imagenet-200-test.zip", payloads)
+        archive, names = "tiny-imagenet-200-test.zip", ["test_1.JPEG", "test_3.JPEG"]
+    else:
+        members = [(f"Imagenet_resize/{i}.jpg", p) for i, p in enumerate(payloads)]
+        _targz(manual / "Imagenet_resize.tar.gz", members)
+        archive, names = "Imagenet_resize.tar.gz", ["1.jpg", "3.jpg"]
+
+    builder = _build("isomax_tiny_imagenet_resize", build, manual, skip_bad_images=True)
+    assert builder.info.splits["test"].num_examples == 3
+    skipped = data.builders.base.skipped_images(builder)
+    assert len(skipped) == 2
+    for line, name in zip(skipped, names, strict=True):
+        assert line.startswith(f"{manual / archive}:") and name in line, line
+    assert "Truncated File Read" in skipped[0] and "not a format Pillow reads" in skipped[1]
+    # The list is part of the prepared set: a later reader (with or without the option) sees it.
+    reread = tfds.builder("isomax_tiny_imagenet_resize", data_dir=str(build))
+    assert data.builders.base.skipped_images(reread) == skipped
+    assert len(_images(reread)) == 3
+
+
+def test_skip_bad_images_with_nothing_usable_is_an_error(tmp_path):
+    manual, build = tmp_path / "manual", tmp_path / "build"
+    manual.mkdir()
+    _targz(manual / "iSUN.tar.gz", [("iSUN/0.jpg", b"junk"), ("iSUN/1.jpg", b"more junk")])
+    with pytest.raises(data.ImageError, match=r"iSUN.tar.gz: every image was bad and skipped \(2;"):
+        _build("isomax_isun", build, manual, skip_bad_images=True)
+
+
+def test_a_strict_build_records_no_skipped_images(tmp_path):
+    manual, build = tmp_path / "manual", tmp_path / "build"
+    manual.mkdir()
+    _targz(manual / "iSUN.tar.gz", [("iSUN/0.jpg", _jpeg(np.zeros((32, 32, 3), np.uint8)))])
+    assert data.builders.base.skipped_images(_build("isomax_isun", build, manual)) == []
 
 
 def test_truncated_and_unsafe_archives_leave_nothing(tmp_path):

@@ -7,11 +7,21 @@ happens once, at build time, so reading needs no further resizing.
 A builder lists *sources*: alternative sets of files looked up in ``manual_dir`` (directly or in the
 builder's ``MANUAL_SUBDIR``), the first complete one wins; without one it downloads
 ``DOWNLOAD_URLS`` (only when the caller allows downloads, see :mod:`isomax_jax.data.locate`).
+
+**Bad files.** An image that cannot be decoded (truncated, not an image) or has the wrong mode or
+size stops the build with :class:`ImageError` naming the file (``archive:member``). With
+``tfds.builder(name, ..., skip_bad_images=True)`` it is skipped instead, with a warning, and
+listed in the prepared set's metadata: :func:`skipped_images` reads the list back (a report
+counts it). :class:`SkipsBadImages` is that behaviour for any tfds builder (the ImageNet-size
+builders too): call :meth:`~SkipsBadImages.read_image` (or :meth:`~SkipsBadImages.bad_image` on
+your own decoder's :class:`ImageError`) per file and :meth:`~SkipsBadImages.record_skipped` when
+the examples are generated, and give ``_info`` a ``metadata=tfds.core.MetadataDict()``.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pathlib
 from collections.abc import Iterator, Sequence
@@ -20,9 +30,22 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-__all__ = ["ImageError", "OODBuilder", "center_crop", "check_image", "decode_image", "encode_png"]
+__all__ = [
+    "ImageError",
+    "OODBuilder",
+    "SkipsBadImages",
+    "center_crop",
+    "check_image",
+    "decode_image",
+    "encode_png",
+    "skipped_images",
+]
 
 IMAGE_SIZE = 32
+#: The key of the prepared set's metadata that lists the files skipped at build time.
+SKIPPED_KEY = "skipped_images"
+
+log = logging.getLogger(__name__)
 
 
 class ImageError(ValueError):
@@ -34,6 +57,8 @@ def decode_image(data: bytes, *, where: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{where}: cannot decode image (not a format Pillow reads)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"{where}: cannot decode image ({e})") from e
     return image
@@ -77,6 +102,65 @@ def encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def skipped_images(builder: tfds.core.DatasetBuilder) -> list[str]:
+    """The files a prepared set's build skipped (``"where: why"`` each; empty if none, or for a
+    builder that records nothing)."""
+    metadata = builder.info.metadata
+    return list(metadata.get(SKIPPED_KEY, [])) if metadata is not None else []
+
+
+class SkipsBadImages:
+    """The ``skip_bad_images`` option of a tfds builder: an unusable image file is an error naming
+    the file (the default) or, with the option, skipped, logged and counted in the metadata.
+
+    Put it first among the bases (``class B(SkipsBadImages, tfds.core.GeneratorBasedBuilder)``).
+    """
+
+    def __init__(self, *, skip_bad_images: bool = False, **kwargs):
+        self.skip_bad_images = skip_bad_images
+        self.skipped: list[str] = []
+        super().__init__(**kwargs)
+
+    def bad_image(self, error: ImageError) -> None:
+        """Raises ``error`` unless the builder skips bad images; then records and logs it."""
+        if not self.skip_bad_images:
+            raise error
+        self.skipped.append(str(error))
+        log.warning("%s: skipped (skip_bad_images=True): %s", getattr(self, "name", ""), error)
+
+    def read_image(
+        self,
+        data: bytes,
+        *,
+        where: str,
+        modes: Sequence[str],
+        size: tuple[int, int] | None = None,
+        min_size: int | None = None,
+    ) -> Image.Image | None:
+        """:func:`decode_image` and :func:`check_image`: the image, or None when it is bad and
+        skipped (:meth:`bad_image`)."""
+        try:
+            image = decode_image(data, where=where)
+            check_image(image, where=where, modes=modes, size=size, min_size=min_size)
+        except ImageError as e:
+            self.bad_image(e)
+            return None
+        return image
+
+    def record_skipped(self) -> None:
+        """Stores the skipped files in the set's metadata (call after the last example)."""
+        self.info.metadata[SKIPPED_KEY] = list(self.skipped)
+
+    def no_images(self, where: str, what: str) -> ImageError:
+        """The error of a source without a usable image (``what``: e.g. "no .png images")."""
+        if self.skipped:
+            return ImageError(
+                f"{where}: every image was bad and skipped ({len(self.skipped)}; the first: "
+                f"{self.skipped[0]})"
+            )
+        return ImageError(f"{where}: {what}")
+
+
 class _LocalDatasetInfo(tfds.core.DatasetInfo):
     """The info of a set built locally: never looked up in the tfds GCS bucket.
 
@@ -89,12 +173,17 @@ class _LocalDatasetInfo(tfds.core.DatasetInfo):
         return None
 
 
-class OODBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class OODBuilder(SkipsBadImages, tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the OOD builders: one ``test`` split of uint8 ``[32, 32, 3]`` images.
 
     Subclasses set ``name``, ``SOURCES`` (tuple of alternative tuples of file names, relative to
     ``manual_dir``), optionally ``MANUAL_SUBDIR`` and ``DOWNLOAD_URLS`` (one URL per file of the
-    first source), and implement ``_images(paths) -> Iterator[(key, uint8 [32, 32, 3])]``.
+    first source), and implement ``_images(paths) -> Iterator[(key, uint8 [32, 32, 3])]``,
+    reading each image file with :meth:`read_image` (None: a bad file, skipped).
+
+    Args:
+      skip_bad_images: skip (and count) image files that cannot be used instead of failing.
+      **kwargs: those of ``tfds.core.GeneratorBasedBuilder`` (``data_dir``, ...).
     """
 
     VERSION = tfds.core.Version("1.0.0")
@@ -153,6 +242,7 @@ class OODBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 }
             ),
             homepage=self.HOMEPAGE or None,
+            metadata=tfds.core.MetadataDict(),
         )
 
     def _split_generators(self, dl_manager):
@@ -170,6 +260,7 @@ class OODBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, paths):
         for key, array in self._images(paths):
             yield key, {"image": encode_png(array)}
+        self.record_skipped()
 
     def _images(self, paths: Sequence[pathlib.Path]) -> Iterator[tuple[str, np.ndarray]]:
         raise NotImplementedError

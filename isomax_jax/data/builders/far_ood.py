@@ -27,8 +27,6 @@ from isomax_jax.data.builders.base import (
     ImageError,
     OODBuilder,
     center_crop,
-    check_image,
-    decode_image,
     to_rgb_array,
 )
 
@@ -105,14 +103,15 @@ class IsomaxOmniglot(OODBuilder):
             count = 0
             for name, data in iter_archive(path, suffixes=(".png",)):
                 where = f"{path}:{name}"
-                image = decode_image(data, where=where)
-                check_image(image, where=where, modes=("1", "L"), size=(105, 105))
+                image = self.read_image(data, where=where, modes=("1", "L"), size=(105, 105))
+                if image is None:
+                    continue
                 # Image.BILINEAR is Image.Resampling.BILINEAR; Pillow's stubs declare the enum only.
                 small = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)  # pyright: ignore[reportAttributeAccessIssue]
                 count += 1
                 yield f"{path.name}/{name}", to_rgb_array(small)
             if not count:
-                raise ImageError(f"{path}: no .png images found in the archive")
+                raise self.no_images(str(path), "no .png images found in the archive")
 
 
 class IsomaxTextures(OODBuilder):
@@ -130,8 +129,9 @@ class IsomaxTextures(OODBuilder):
         count = 0
         for name, data in iter_archive(path, suffixes=(".jpg",), prefix="dtd/images/"):
             where = f"{path}:{name}"
-            image = decode_image(data, where=where)
-            check_image(image, where=where, modes=("RGB", "L"), min_size=IMAGE_SIZE)
+            image = self.read_image(data, where=where, modes=("RGB", "L"), min_size=IMAGE_SIZE)
+            if image is None:
+                continue
             w, h = image.size
             scale = IMAGE_SIZE / min(w, h)
             new_size = (max(IMAGE_SIZE, round(w * scale)), max(IMAGE_SIZE, round(h * scale)))
@@ -140,7 +140,7 @@ class IsomaxTextures(OODBuilder):
             count += 1
             yield name, center_crop(to_rgb_array(resized))
         if not count:
-            raise ImageError(f"{path}: no images under 'dtd/images/' in the archive")
+            raise self.no_images(str(path), "no images under 'dtd/images/' in the archive")
 
 
 class _Noise(OODBuilder, skip_registration=True):

@@ -23,11 +23,9 @@ from PIL import Image
 from isomax_jax.data.archives import iter_archive
 from isomax_jax.data.builders.base import (
     IMAGE_SIZE,
-    ImageError,
     OODBuilder,
+    SkipsBadImages,
     center_crop,
-    check_image,
-    decode_image,
     to_rgb_array,
 )
 
@@ -46,30 +44,40 @@ _ODIN_HOME = "https://github.com/facebookresearch/odin"
 CROP_SEED = 0
 
 
-def odin_images(path: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Images of an ODIN tarball as uint8 ``[32, 32, 3]`` (larger ones centre-cropped)."""
+def odin_images(
+    path: pathlib.Path, builder: SkipsBadImages | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Images of an ODIN tarball as uint8 ``[32, 32, 3]`` (larger ones centre-cropped); a bad
+    file is an error, or skipped by a ``builder`` with ``skip_bad_images``."""
+    builder = builder or SkipsBadImages()
     count = 0
     for name, data in iter_archive(path, suffixes=_IMAGE_SUFFIXES):
         where = f"{path}:{name}"
-        image = decode_image(data, where=where)
-        check_image(image, where=where, modes=("RGB", "L"), min_size=IMAGE_SIZE)
+        image = builder.read_image(data, where=where, modes=("RGB", "L"), min_size=IMAGE_SIZE)
+        if image is None:
+            continue
         count += 1
         yield name, center_crop(to_rgb_array(image))
     if not count:
-        raise ImageError(f"{path}: no .jpg/.png images found in the archive")
+        raise builder.no_images(str(path), "no .jpg/.png images found in the archive")
 
 
-def tiny_imagenet_test_images(path: pathlib.Path) -> Iterator[tuple[str, Image.Image]]:
-    """The 64x64 test images of a ``tiny-imagenet-200[-test].zip``, sorted by member name."""
+def tiny_imagenet_test_images(
+    path: pathlib.Path, builder: SkipsBadImages | None = None
+) -> Iterator[tuple[str, Image.Image]]:
+    """The 64x64 test images of a ``tiny-imagenet-200[-test].zip``, sorted by member name; a
+    bad file is an error, or skipped by a ``builder`` with ``skip_bad_images``."""
+    builder = builder or SkipsBadImages()
     count = 0
     for name, data in iter_archive(path, suffixes=(".jpeg", ".jpg"), prefix=_TINY_PREFIX):
         where = f"{path}:{name}"
-        image = decode_image(data, where=where)
-        check_image(image, where=where, modes=("RGB", "L"), size=(64, 64))
+        image = builder.read_image(data, where=where, modes=("RGB", "L"), size=(64, 64))
+        if image is None:
+            continue
         count += 1
         yield name, image
     if not count:
-        raise ImageError(f"{path}: no images under {_TINY_PREFIX!r} in the archive")
+        raise builder.no_images(str(path), f"no images under {_TINY_PREFIX!r} in the archive")
 
 
 def downsample_2x(array: np.ndarray) -> np.ndarray:
@@ -86,9 +94,9 @@ class _TinyImagenet(OODBuilder, skip_registration=True):
     def _images(self, paths: Sequence[pathlib.Path]) -> Iterator[tuple[str, np.ndarray]]:
         (path,) = paths
         if "tiny-imagenet-200" not in path.name:  # an ODIN tarball (or a download of one)
-            yield from odin_images(path)
+            yield from odin_images(path, self)
             return
-        yield from self._from_test_images(tiny_imagenet_test_images(path))
+        yield from self._from_test_images(tiny_imagenet_test_images(path, self))
 
     def _from_test_images(self, images):
         raise NotImplementedError
@@ -128,7 +136,7 @@ class _OdinTarball(OODBuilder, skip_registration=True):
 
     def _images(self, paths: Sequence[pathlib.Path]) -> Iterator[tuple[str, np.ndarray]]:
         (path,) = paths
-        yield from odin_images(path)
+        yield from odin_images(path, self)
 
 
 class IsomaxLsunResize(_OdinTarball):
