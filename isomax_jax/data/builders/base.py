@@ -149,7 +149,8 @@ class SkipsBadImages:
 
     def record_skipped(self) -> None:
         """Stores the skipped files in the set's metadata (call after the last example)."""
-        self.info.metadata[SKIPPED_KEY] = list(self.skipped)
+        # A mixin of tfds builders, which provide `info`.
+        self.info.metadata[SKIPPED_KEY] = list(self.skipped)  # pyright: ignore[reportAttributeAccessIssue]
 
     def no_images(self, where: str, what: str) -> ImageError:
         """The error of a source without a usable image (``what``: e.g. "no .png images")."""
