@@ -264,7 +264,7 @@ def rounding_bound(q_norm, q_error, bank_norm, bank_error, dim: int, exact_dtype
     return 2 * (rounding + summed(2.0**-24, q_rounded, b_rounded) + exact)
 
 
-def bank_mesh(axis: str, *, abstract: bool = False) -> Mesh:
+def bank_mesh(axis: str, *, abstract: bool = False) -> Mesh | jax.sharding.AbstractMesh:
     """The mesh a bank is sharded over: the one set by ``jax.set_mesh`` if it has ``axis``, else
     a 1-D mesh of every device named ``axis`` (``abstract``: inside ``jit``)."""
     current = jax.sharding.get_abstract_mesh() if abstract else jax.sharding.get_mesh()
