@@ -40,7 +40,7 @@ from isomax_jax.progress import Progress
 
 # name -> number of classes of the in-distribution sets.
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
-TRAIN_INFO = "train_info.json"
+TRAIN_INFO = validate.TRAIN_INFO  # written when the training is finished
 
 
 class TrainingDivergedError(RuntimeError):

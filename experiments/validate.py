@@ -140,10 +140,19 @@ def _workdir_problems(config, workdir: str, mode: str) -> list[str]:
                     f"--mode=evaluate: {run_dir} has no checkpoints; train it first "
                     "(--mode=train_and_evaluate)"
                 )
+            elif mode == "evaluate" and not os.path.exists(os.path.join(run_dir, TRAIN_INFO)):
+                problems.append(
+                    f"--mode=evaluate: {run_dir} has not finished training (no {TRAIN_INFO}: it "
+                    "was preempted or killed); finish it with --mode=train_and_evaluate, which "
+                    "resumes from its latest checkpoint"
+                )
             if os.path.exists(meta):
                 problems += _recorded_config_problems(meta, config)
     return problems
 
+
+# Written by experiments.training when a run's training is finished (its TRAIN_INFO).
+TRAIN_INFO = "train_info.json"
 
 # Keys that do not change a run's trained weights: a finished run may be re-evaluated with other
 # values (e.g. more detectors or OOD sets) in the same workdir.

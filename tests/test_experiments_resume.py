@@ -167,6 +167,9 @@ def test_sigterm_mid_training_saves_that_step_and_the_rerun_equals_uninterrupted
     assert last.endswith("rerun the same command to resume from it"), last
     assert not (workdir / "results.json").exists()
     assert not (workdir / "isomax_seed0" / "train_info.json").exists()
+    unfinished = _run(_command(workdir, "--mode=evaluate", checkpoint_every=10**6))
+    assert unfinished.returncode == 2, unfinished.stderr[-3000:]
+    assert "has not finished training" in unfinished.stderr
 
     again = _run(command)
     assert again.returncode == 0, again.stderr[-3000:]
