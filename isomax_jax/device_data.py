@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
 
 __all__ = [
     "PAD",
@@ -165,7 +166,9 @@ def _mix32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def epoch_order(key: jax.Array, epoch, positions: jax.Array, *, num_examples: int) -> jax.Array:
+def epoch_order(
+    key: jax.Array, epoch: ArrayLike, positions: ArrayLike, *, num_examples: int
+) -> jax.Array:
     """The example at each of ``positions`` in epoch ``epoch``'s order: a keyed permutation.
 
     A swap-or-not shuffle (Hoang, Morris & Rogaway, CRYPTO 2012) of ``[0, n)``: in each of
@@ -195,7 +198,9 @@ def epoch_order(key: jax.Array, epoch, positions: jax.Array, *, num_examples: in
     return x.astype(jnp.int32)
 
 
-def batch_indices(key: jax.Array, step, *, num_examples: int, batch_size: int) -> jax.Array:
+def batch_indices(
+    key: jax.Array, step: ArrayLike, *, num_examples: int, batch_size: int
+) -> jax.Array:
     """Rows of the global batch of ``step``: positions ``[i B, (i + 1) B)`` of its epoch's order
     (:func:`epoch_order`), ``i = step mod steps_per_epoch``.
 
@@ -214,7 +219,9 @@ def batch_indices(key: jax.Array, step, *, num_examples: int, batch_size: int) -
     return epoch_order(key, epoch, positions, num_examples=num_examples)
 
 
-def augment_offsets(key: jax.Array, step, *, num_examples: int, batch_size: int):
+def augment_offsets(
+    key: jax.Array, step: ArrayLike, *, num_examples: int, batch_size: int
+) -> tuple[jax.Array, jax.Array]:
     """Crop offsets ``int32 [B, 2]`` (``(dy, dx)`` in ``{0, ..., 2 PAD}``) and flips
     ``bool [B]`` of the global batch of ``step``: independent, uniform, probability 1/2."""
     epoch, i = jnp.divmod(jnp.asarray(step, jnp.int32), num_examples // batch_size)
@@ -224,7 +231,7 @@ def augment_offsets(key: jax.Array, step, *, num_examples: int, batch_size: int)
     return offsets, jax.random.bernoulli(flip_key, 0.5, (batch_size,))
 
 
-def crop_flip(images: jax.Array, offsets: jax.Array, flips: jax.Array) -> jax.Array:
+def crop_flip(images: ArrayLike, offsets: ArrayLike, flips: ArrayLike) -> jax.Array:
     """Random crop from a ``PAD``-pixel zero padding, then horizontal flip.
 
     Args:
@@ -236,6 +243,7 @@ def crop_flip(images: jax.Array, offsets: jax.Array, flips: jax.Array) -> jax.Ar
     Returns:
       ``[B, H, W, C]``, the dtype of ``images``.
     """
+    images, offsets, flips = jnp.asarray(images), jnp.asarray(offsets), jnp.asarray(flips)
     _, height, width, channels = images.shape
     padded = jnp.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
 
@@ -246,9 +254,10 @@ def crop_flip(images: jax.Array, offsets: jax.Array, flips: jax.Array) -> jax.Ar
     return jnp.where(flips[:, None, None, None], cropped[:, :, ::-1], cropped)
 
 
-def normalise(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+def normalise(images: ArrayLike, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
     """uint8 ``[..., C]`` -> float32 ``(x / 255 - mean) / std``, computed as the tfds path does
     (``(x - 255 mean) * (1 / (255 std))`` in float32)."""
+    images = jnp.asarray(images)
     shape = (1,) * (images.ndim - 1) + (-1,)  # explicit ranks (jax_numpy_rank_promotion)
     mean255 = (np.asarray(mean, np.float32) * 255).reshape(shape)
     inv_std = (1 / (np.asarray(std, np.float32) * 255)).reshape(shape)
@@ -278,7 +287,7 @@ def _local_rows(images, labels, index, offsets, flips, *, augment: bool, sharded
 
 
 def train_batch(
-    data: DeviceData, step, *, seed: int, batch_size: int, augment: bool = True
+    data: DeviceData, step: ArrayLike, *, seed: int, batch_size: int, augment: bool = True
 ) -> dict[str, jax.Array]:
     """The augmented, normalised global batch of ``step``, drawn on the devices (jit it).
 

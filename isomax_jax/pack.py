@@ -54,7 +54,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -391,7 +391,15 @@ class Pack:
         return "\n".join(lines)
 
 
-def write_from_tfds(out, names, *, data_dir=None, manual_dir=None, build_dir=None, **kwargs):
+def write_from_tfds(
+    out: str | os.PathLike,
+    names: Sequence[str],
+    *,
+    data_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    manual_dir: str | os.PathLike | None = None,
+    build_dir: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
     """Writes a pack of tfds sets (needs TensorFlow; see :mod:`isomax_jax.pack_tfds`)."""
     from isomax_jax import pack_tfds
 
@@ -400,7 +408,7 @@ def write_from_tfds(out, names, *, data_dir=None, manual_dir=None, build_dir=Non
     )
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(

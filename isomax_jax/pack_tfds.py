@@ -13,6 +13,9 @@ set's (as a set of images: tfds reads them in another order).
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +35,7 @@ def to_rgb32(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images, np.uint8)
 
 
-def _read(builder, split: str, with_labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _read(builder: Any, split: str, with_labels: bool) -> tuple[np.ndarray, np.ndarray | None]:
     import tensorflow_datasets as tfds
 
     ds = builder.as_dataset(split=split, shuffle_files=False).batch(4096)
@@ -53,16 +56,16 @@ def _same_images(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def write_from_tfds(
-    out,
-    names,
+    out: str | os.PathLike,
+    names: Sequence[str],
     *,
-    data_dir=None,
-    manual_dir=None,
-    build_dir=None,
+    data_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    manual_dir: str | os.PathLike | None = None,
+    build_dir: str | os.PathLike | None = None,
     codec: str = "auto",
     quality: int = 95,
     max_mib: float | None = 60.0,
-) -> dict:
+) -> dict[str, Any]:
     """Writes a pack of the sets ``names`` read from tfds (OOD sets built if missing).
 
     Args:
