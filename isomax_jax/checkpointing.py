@@ -225,9 +225,15 @@ class RunCheckpointer:
 
     def _check_directory(self, step: int) -> None:
         """Refuses to save into a run directory that vanished or was replaced since the start
-        (Orbax would silently create it again, e.g. on the disk under an unmounted one)."""
-        if self._identity is not None and self._directory_identity() != self._identity:
-            state = "was replaced" if self.directory.exists() else "no longer exists"
+        (Orbax would silently create it again, e.g. on the disk under an unmounted one): the
+        folder is another one (its inode), or checkpoints saved in it are gone (an inode number
+        can be reused at once)."""
+        if self._identity is None:
+            return
+        identity = self._directory_identity()
+        gone = [s for s in self._manager.all_steps() if not (self.directory / str(s)).is_dir()]
+        if identity != self._identity or gone:
+            state = "no longer exists" if identity is None else "was replaced"
             raise CheckpointSaveError(
                 write_failure(
                     f"the checkpoint of step {step}",
