@@ -59,11 +59,16 @@ def d2_of(scores):
 
 @pytest.mark.parametrize("k, bank_chunk, query_chunk", [(1, 64, 16), (30, 7, 45), (50, 1000, 8)])
 def test_search_equals_float64_brute_force(k, bank_chunk, query_chunk):
-    """k larger than a block's rows (30 > 7: the running top k spans blocks), one block, and
-    query chunks that do not divide the queries (the last chunk overlaps)."""
+    """k larger than a block's rows (30 > 7: the running top k spans blocks, and several blocks
+    join it per selection, the last selection partial), one block, and query chunks that do not
+    divide the queries (the last chunk overlaps)."""
     bank, queries = make_data()
     det = detectors.get("knn", k=k, bank_chunk=bank_chunk, query_chunk=query_chunk)
     state = det.fit(features=bank)
+    blocks, rows = state["bank"].shape[:2]
+    per = knn.blocks_per_selection(k, rows, query_chunk, blocks)
+    if k == 30:  # several blocks per selection, the last selection partial
+        assert 1 < per < blocks and blocks % per
     got = d2_of(det.score(state, features=queries))
     expected = np_kth_d2(np_unit(bank), np_unit(queries), k)
     assert np.all(np.abs(got - expected) <= d2_bound(np_unit(bank), np_unit(queries)))
