@@ -145,6 +145,10 @@ class RunCheckpointer:
                 save_decision_policy=policy,
                 enable_async_checkpointing=async_save,
                 cleanup_tmp_directories=True,  # partial saves of an earlier start
+                # The step's folder is made before the background writes start: if that fails
+                # (a full or read-only disk) save() raises, instead of writes waiting minutes
+                # for a folder that never comes (keeping the process from exiting).
+                async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
             ),
         )
         self._identity = self._directory_identity()

@@ -79,6 +79,33 @@ def _restored_step(workdir):
         ckpt.close()
 
 
+NEXT_START = """
+import json, os, sys, time
+import train_worker
+from isomax_jax import checkpointing
+ckpt = checkpointing.RunCheckpointer(sys.argv[1], save_every_steps=1)
+step = int(ckpt.restore_latest(train_worker.init_state()).step)
+folder = os.path.join(sys.argv[1], "checkpoints")
+deadline = time.monotonic() + 30  # Orbax removes partial steps in the background
+while os.listdir(folder) != [str(step)] and time.monotonic() < deadline:
+    time.sleep(0.1)
+print(json.dumps([step, ckpt.latest_step(), sorted(os.listdir(folder))]))
+ckpt.close()
+"""
+
+
+def _next_start(workdir):
+    """(restored step, latest step, the folders of checkpoints/) as a new process sees them:
+    the failed process's background writes are gone with it, as after a real failure."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, tests])}
+    done = subprocess.run(
+        [sys.executable, "-c", NEXT_START, str(workdir)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tuple(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 # --- full / read-only / vanished / not permitted ------------------------------------------------
 
 
@@ -105,11 +132,8 @@ def test_a_full_disk_stops_the_save_and_the_previous_checkpoint_is_restored(
     assert isinstance(error.value, OSError)  # a RunDirectoryWriteError
 
     os.remove(small_fs / "filler")
-    assert _restored_step(workdir) == (1, 1)  # the partial step 2 is not a checkpoint
-    deadline = time.monotonic() + 30  # and the start removes it (Orbax, in the background)
-    while os.listdir(workdir / "checkpoints") != ["1"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert os.listdir(workdir / "checkpoints") == ["1"]
+    # The partial step 2 is not a checkpoint, and the next start removes it.
+    assert _next_start(workdir) == (1, 1, ["1"])
 
 
 @pytest.mark.slow
@@ -128,7 +152,7 @@ def test_a_read_only_filesystem_stops_the_save(small_fs):
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(small_fs)], check=True)
     _assert_message(error, 2, rf"{workdir}/checkpoints/2: ", "Read-only file system")
-    assert _restored_step(workdir) == (1, 1)
+    assert _next_start(workdir) == (1, 1, ["1"])
 
 
 def test_permission_denied_at_the_write_stops_the_save(tmp_path, monkeypatch):
