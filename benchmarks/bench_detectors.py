@@ -121,11 +121,11 @@ def make_data(directory: str, args) -> None:
     score_in = np.maximum(centers[np.arange(half) % c] + rng.normal(size=(half, d)), 0)
     score_out = np.maximum(rng.normal(size=(args.score - half, d)) * 1.5, 0)
     score = np.concatenate([score_in, score_out]).astype(np.float32)
-    # A nearest-centre linear head, z_c = -|f - m_c|^2 / (2 sqrt(D)) + const (m_c the centres
-    # less their mean): accurate, as a trained head (SHE needs correctly classified examples).
-    shifted = centers - centers.mean(0)
-    kernel = (shifted.T / math.sqrt(d)).astype(np.float32)
-    bias = (-0.5 * np.sum(shifted**2, axis=1) / math.sqrt(d)).astype(np.float32)
+    # A linear head that classifies (SHE needs correctly classified examples): the class centres,
+    # scaled so logits differ by a few units (no softmax probability below 1e-7, where
+    # pytorch-ood's GEN and entropy clamp), full rank (ViM), and a small bias.
+    kernel = (centers.T / (10 * math.sqrt(d))).astype(np.float32)
+    bias = (rng.normal(size=(c,)) * 0.1).astype(np.float32)
     arrays = dict(
         fit=fit, labels=labels, score=score, kernel=kernel, bias=bias,
         fit_logits=fit @ kernel + bias, score_logits=score @ kernel + bias,
