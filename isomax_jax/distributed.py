@@ -208,12 +208,9 @@ class Preempted(Exception):
 
 
 def _jax_preemption_sync() -> bool:
-    """Whether JAX's preemption sync point serves this process (a multi-process runtime with
-    the preemption service on)."""
-    from jax._src import distributed as jax_distributed  # the runtime's state: no public view
-
-    state = jax_distributed.global_state
-    return state.client is not None and state.preemption_sync_manager is not None
+    """Whether JAX's preemption sync point serves this process (its distributed runtime is up,
+    with the preemption service on, as by default)."""
+    return jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
 
 
 class PreemptionNotice:
