@@ -306,19 +306,17 @@ def write_report(
 
 def write_summaries(results: Mapping[str, Any], workdir: str) -> None:
     """Test accuracy and the paired scores' OOD metrics as TensorBoard scalars, one dir per run."""
-    from tensorboardX import SummaryWriter
+    from experiments.tensorboard_log import Summaries
 
     for run in results["runs"]:
-        writer = SummaryWriter(
-            os.path.join(workdir, "tensorboard", run_name(run["loss"], run["seed"]))
-        )
+        writer = Summaries(os.path.join(workdir, "tensorboard", run_name(run["loss"], run["seed"])))
         step = int(run["train"].get("steps", 0))
-        writer.add_scalar("eval/accuracy", run["accuracy"], step)
+        writer.scalar("eval/accuracy", run["accuracy"], step)
         for ood, by_det in run["ood"].items():
             for det in registry.HEADS[run["loss"]].paper_scores:
                 for metric in ("tnr_at_tpr", "auroc"):
                     value = by_det[det]["reference"][metric]
-                    writer.add_scalar(f"ood_{ood}/{det}_{metric}", value, step)
+                    writer.scalar(f"ood_{ood}/{det}_{metric}", value, step)
         writer.close()
 
 

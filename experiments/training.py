@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 
 from experiments import records, validate
+from experiments.tensorboard_log import Summaries
 from isomax_jax import (
     checkpointing,
     data,
@@ -151,9 +152,7 @@ class _TrainingLog:
         self.t_start, self.t_timed, self.compile_s = time.time(), None, None
         self.writer = None
         if jax.process_index() == 0:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard", self.name))
+            self.writer = Summaries(os.path.join(workdir, "tensorboard", self.name))
         self.bar = Progress(
             f"train {registry.HEADS[loss].title} seed {seed}",
             total,
@@ -190,7 +189,8 @@ class _TrainingLog:
         self.bar.update(1, loss=self.last["loss"], acc=self.last["accuracy"], lr=lr, s_step=dt)
         if self.writer is not None:
             for key, value in (*self.last.items(), ("learning_rate", lr), ("s_per_step", dt)):
-                self.writer.add_scalar(f"train/{key}", value, done)
+                self.writer.scalar(f"train/{key}", value, done)
+            self.writer.flush()
         self.pending, self.window_start = [], done
 
     def summary(self, batch_size: int) -> dict[str, Any]:
@@ -210,10 +210,7 @@ class _TrainingLog:
     def close(self) -> None:
         self.bar.close()
         if self.writer is not None:
-            try:
-                self.writer.close()
-            except OSError as e:  # e.g. a full disk: never hide the error that stopped the run
-                logging.warning("TensorBoard summaries of %s not flushed: %s", self.name, e)
+            self.writer.close()  # never raises: the error that stopped the run stays the one shown
 
 
 def _device_batches(config: Any, split, *, seed: int, start: int, total: int, mesh):

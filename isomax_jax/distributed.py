@@ -210,7 +210,10 @@ class Preempted(Exception):
 def _jax_preemption_sync() -> bool:
     """Whether JAX's preemption sync point serves this process (its distributed runtime is up,
     with the preemption service on, as by default)."""
-    return jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
+    # A flag with a context manager: read as an attribute (``config.read`` refuses it); the
+    # attribute is set at runtime, so the type checker cannot see it.
+    enabled = getattr(jax.config, "jax_enable_preemption_service", True)
+    return jax.distributed.is_initialized() and bool(enabled)
 
 
 class PreemptionNotice:

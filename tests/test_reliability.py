@@ -293,3 +293,45 @@ def test_no_memory_or_descriptor_growth_over_many_steps_and_saves(tmp_path):
     assert rss_growth < 0.05, samples
     assert max(s["fds"] for s in warm) <= warm[0]["fds"], samples
     assert jax.device_count() == 8 and np.isfinite(samples[-1]["loss"])
+
+
+def _events(folder):
+    """(step, tag, value) of every scalar in the event files of ``folder``."""
+    import glob
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(folder, "events*"))):
+        data, i = open(path, "rb").read(), 0
+        while i + 12 <= len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            if i + 12 + n + 4 > len(data):
+                break  # a record cut short by the full disk (TensorBoard skips it too)
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+            i += 12 + n + 4
+    return out
+
+
+def test_summaries_on_a_full_disk_stop_quietly_instead_of_hanging(small_fs, caplog):
+    # tensorboardX's SummaryWriter hangs here: its writer thread dies on ENOSPC and the next
+    # add_scalar blocks on the full queue. The experiments' Summaries must return at once.
+    from experiments.tensorboard_log import Summaries
+
+    summaries = Summaries(str(small_fs / "tb"))
+    summaries.scalar("train/loss", 1.5, 1)
+    summaries.flush()
+    assert _events(small_fs / "tb") == [(1, "train/loss", 1.5)]
+    _fill(small_fs)
+    start = time.monotonic()
+    for step in range(2, 5000):
+        summaries.scalar("train/loss", 0.5, step)
+        summaries.flush()
+    summaries.close()
+    summaries.close()
+    assert time.monotonic() - start < 60
+    warnings = [r.getMessage() for r in caplog.records if "TensorBoard summaries" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0], warnings
+    assert _events(small_fs / "tb")[0] == (1, "train/loss", 1.5)
