@@ -54,9 +54,12 @@ def paired_bootstrap(
         for ood in config.ood_datasets:
             for metric in METRICS:
                 base = summaries.best_detector(table, "softmax", ood, metric)
-                a_in = scores[names[loss]][config.dataset][mine]
+                # A set with its own protocol (ImageNet-O) has its own test scores.
+                key = f"{config.dataset}:{ood}"
+                a_in = scores[names[loss]].get(key, scores[names[loss]][config.dataset])[mine]
                 a_out = scores[names[loss]][ood][mine]
-                b_in = scores[names["softmax"]][config.dataset][base]
+                b_in = scores[names["softmax"]].get(key, scores[names["softmax"]][config.dataset])
+                b_in = b_in[base]
                 b_out = scores[names["softmax"]][ood][base]
                 n_in, n_out = min(len(a_in), len(b_in)), min(len(a_out), len(b_out))
                 i_idx = rng.integers(0, n_in, size=(config.bootstrap_samples, n_in))

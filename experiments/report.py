@@ -160,7 +160,8 @@ def published_table(results: Mapping[str, Any]) -> str:
             if loss not in results["summary"]["ood"] or ood not in results["ood_datasets"]:
                 continue
             measured = _cell(results, loss, ood, pub["score"])
-            published_cell = f"{pub['tnr_at_tpr']:.1f} / {pub['auroc']:.1f}"
+            tnr = "–" if pub.get("tnr_at_tpr") is None else f"{pub['tnr_at_tpr']:.1f}"
+            published_cell = f"{tnr} / {pub['auroc']:.1f}"
             rows.append(
                 [ood, method(results, loss, pub["score"]), measured, published_cell, pub["source"]]
             )
@@ -168,6 +169,73 @@ def published_table(results: Mapping[str, Any]) -> str:
         return ""
     header = ["OOD set", "method", "measured TNR@TPR95 / AUROC", "published", "source"]
     return tables.markdown_table(header, rows)
+
+
+def group_table(results: Mapping[str, Any]) -> str:
+    """Mean AUROC over each group of OOD sets (`config.ood_groups`, OpenOOD's near / far) per
+    detector and loss, beside the published group means where the config has them."""
+    groups = {g: list(sets) for g, sets in (results["config"].get("ood_groups") or {}).items()
+              if sets}  # fmt: skip
+    if not groups:
+        return ""
+    summary = results["summary"]
+    conv = "openood" if "openood" in results["conventions"] else "reference"
+    published = results["config"].get("published") or {}
+    header, columns = ["detector"], []
+    for loss in summary["ood"]:
+        pub_groups = (published.get(loss) or {}).get("groups") or {}
+        for g in groups:
+            header.append(f"{loss_title(loss)} {g}: measured / published")
+            columns.append((loss, g, (pub_groups.get(g) or {}).get("auroc") or {}))
+    rows = []
+    for name in results["detectors"]:
+        cells, any_value = [det_title(results, name)], False
+        for loss, g, pub in columns:
+            by_set = summary["ood"][loss]
+            if not all(name in by_set[ood] for ood in groups[g]):
+                cells.append("–")
+                continue
+            value = np.mean([summaries.mean(summary, loss, ood, name, "auroc", conv)
+                             for ood in groups[g]])  # fmt: skip
+            cells.append(f"{100 * value:.2f} / " + (f"{pub[name]:.2f}" if name in pub else "–"))
+            any_value = True
+        if any_value:
+            rows.append(cells)
+    sources = sorted({
+        src for loss in summary["ood"]
+        for grp in ((published.get(loss) or {}).get("groups") or {}).values()
+        if (src := grp.get("source"))
+    })  # fmt: skip
+    note = f"AUROC (%), {conv} convention, mean over " + "; ".join(
+        f"{g} = {', '.join(sets)}" for g, sets in groups.items()
+    )
+    if sources:
+        note += f". Published: {'; '.join(sources)}"
+    return note + ".\n\n" + tables.markdown_table(header, rows)
+
+
+def _pack_lines(pack: Mapping[str, Any]) -> list[str]:
+    """The report's note that the images came from a pack, with the stored pixels' errors."""
+    splits = pack.get("splits") or {}
+    worst = max((s["mae"] for s in splits.values()), default=0.0)
+    each = ", ".join(f"{k} {v['mae']:.2f}" for k, v in splits.items())
+    return [
+        f"Images read from the pack `{pack['path']}` (isomax_jax.pack; JPEG/PNG mosaics), not "
+        f"from tfds: mean absolute pixel error at most {worst:.2f}/255 per split "
+        f"({each}).",
+        "",
+    ]
+
+
+def _hyperparameter_note(results: Mapping[str, Any]) -> str:
+    changed = results["config"].get("detector_hyperparameters") or {}
+    if not changed:
+        return "Every detector uses its paper's default hyperparameters"
+    text = "; ".join(
+        f"{det_title(results, n)} " + ", ".join(f"{k}={v}" for k, v in dict(hp).items())
+        for n, hp in changed.items()
+    )
+    return f"Every detector uses its paper's default hyperparameters, except {text}"
 
 
 def _mean_of(dicts: Sequence[Mapping[str, Any]], key: str, scale: float, fmt: str) -> str:
@@ -186,8 +254,9 @@ def _training_table(results: Mapping[str, Any]) -> str:
         rows.append([
             loss_title(loss),
             _pct(stats),
-            f"~{pub:.0f}" if pub else "",
-            _mean_of(trains, "wall_time_s", 1 / 60, ".1f"),
+            f"~{pub:g}" if pub else "",
+            "imported" if all(t.get("imported_from") for t in trains)
+            else _mean_of(trains, "wall_time_s", 1 / 60, ".1f"),
             _mean_of(trains, "seconds_per_step", 1, ".3f"),
             _mean_of(trains, "final_train_loss", 1, ".3f"),
         ])  # fmt: skip
@@ -198,31 +267,44 @@ def markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
     """The human-readable report (`results.md`)."""
     config, runs = results["config"], results["runs"]
     seeds = sorted({run["seed"] for run in runs})
-    train = runs[0]["train"] if runs else {}
+    trained = [run for run in runs if not run["train"].get("imported_from")]
+    train = trained[0]["train"] if trained else {}
+    imported = sorted({(run["loss"], run["train"]["imported_from"]) for run in runs
+                       if run["train"].get("imported_from")})  # fmt: skip
     code = results.get("code_version") or {}
     wall = results.get("wall_time_s")
     lines = [
         f"# OOD detection: {config['model']} on {config['dataset']}",
         "",
         f"Losses: {', '.join(loss_title(x) for x in config['losses'])}; {len(seeds)} run(s), "
-        f"seeds {seeds}; {train.get('epochs', float('nan')):.3g} epochs "
-        f"({train.get('steps', '?')} steps of batch {config['batch_size']}, schedule "
-        f"{config.get('schedule', 'multistep')}"
+        f"seeds {seeds}; "
+        + "".join(
+            f"{loss_title(lo)}: the imported model {path} (not trained); " for lo, path in imported
+        )  # fmt: skip
         + (
-            f"; the first {train['early_steps']} on images downscaled to "
-            f"{train['early_image_size']} px"
-            if train.get("early_steps")
+            f"{train.get('epochs', float('nan')):.3g} epochs "
+            f"({train.get('steps', '?')} steps of batch {config['batch_size']}, schedule "
+            f"{config.get('schedule', 'multistep')}"
+            + (
+                f"; the first {train['early_steps']} on images downscaled to "
+                f"{train['early_image_size']} px"
+                if train.get("early_steps")
+                else ""
+            )
+            + ") per trained model. "
+            if trained
             else ""
         )
-        + f") per model. Created {results['created_utc']}"
+        + f"Created {results['created_utc']}"
         + (f"; wall time {wall / 60:.1f} min" if wall else "")
         + f"; code {code.get('commit', 'unknown')}"
         + (" (uncommitted changes)" if code.get("dirty") else "")
         + ".",
         "",
+        *(_pack_lines(results["pack"]) if results.get("pack") else []),
         "Numbers are percentages; mean ± std (population std, ddof=0) over runs when there are "
-        "several. Every detector uses its paper's default hyperparameters and is fitted on the "
-        "training split only; nothing is tuned on OOD data.",
+        f"several. {_hyperparameter_note(results)}; each is fitted on the training split only; "
+        "nothing is tuned on OOD data.",
         "",
         "## Accuracy and training",
         "",
@@ -238,6 +320,9 @@ def markdown(results: Mapping[str, Any], plots: Sequence[str] = ()) -> str:
     pub = published_table(results)
     if pub:
         lines += ["### Published numbers", "", pub, ""]
+    grouped = group_table(results)
+    if grouped:
+        lines += ["## Near and far OOD (group means)", "", grouped, ""]
     lines += ["## Every detector, per OOD set", ""]
     for conv, note in results["conventions"].items():
         lines.append(f"- `{conv}`: {note}.")

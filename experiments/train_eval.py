@@ -28,8 +28,8 @@ from typing import Any
 
 import jax
 
-from experiments import evaluate, records, report, training, validate
-from isomax_jax import data, distributed, locking, parallel, run_metadata
+from experiments import evaluate, inputs, records, report, training, validate
+from isomax_jax import distributed, locking, parallel, run_metadata
 
 
 def code_version() -> dict[str, Any]:
@@ -148,33 +148,39 @@ def _models(
     preemption: distributed.PreemptionNotice | None = None,
 ) -> list[records.TrainedRun]:
     """Every (seed, loss) model, in that order: trained (timed into `timings`; stopped and saved
-    on a `preemption` notice) or, with `mode="evaluate"`, restored."""
+    on a `preemption` notice) or, with `mode="evaluate"`, restored; the losses of
+    `evaluate_as_imported` are the imported model in both modes."""
     runs = [(index, loss) for index in range(config.runs) for loss in config.losses]
+    as_imported = inputs.option(config, "evaluate_as_imported")
+
+    def imported(index: int, loss: str) -> records.TrainedRun:
+        seed = config.seed + index
+        return training.imported_one(config, loss=loss, seed=seed, run=index, mesh=mesh)
+
     if mode != "train_and_evaluate":
         return [
-            training.restore_one(
+            imported(index, loss)
+            if loss in as_imported
+            else training.restore_one(
                 config, workdir, loss=loss, seed=config.seed + index, run=index, mesh=mesh
             )
             for index, loss in runs
         ]
     t0 = time.time()
-    split = data.load_train_split(
-        config.dataset,
-        split=config.train_split,
-        data_dir=config.data_dir or None,
-        download=config.download,
-    )
+    source = inputs.TrainSource(config, workdir) if inputs.trains_any(config) else None
     timings["data_load_s"] = time.time() - t0
     t0 = time.time()
     trained = [
-        training.train_one(
+        imported(index, loss)
+        if loss in as_imported or source is None
+        else training.train_one(
             config,
             workdir,
             loss=loss,
             seed=config.seed + index,
             run=index,
             mesh=mesh,
-            split=split,
+            source=source,
             preemption=preemption,
         )
         for index, loss in runs
@@ -204,6 +210,9 @@ def _report(
         bootstrap=evaluation.bootstrap,
         detectors=evaluation.detector_info,
     )
+    pack = inputs.pack_summary(config)
+    if pack is not None:
+        results["pack"] = pack
     if jax.process_index() == 0:
         paths = report.write_report(results, evaluation.plot_scores, workdir)
         evaluation.save_logits(os.path.join(workdir, "logits"))

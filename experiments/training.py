@@ -12,6 +12,7 @@ the same command resumes from it. A failed save raises `checkpointing.Checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -24,11 +25,10 @@ import jax
 import numpy as np
 from absl import logging
 
-from experiments import records, validate
+from experiments import inputs, records, validate
 from experiments.tensorboard_log import Summaries
 from isomax_jax import (
     checkpointing,
-    data,
     distributed,
     models,
     parallel,
@@ -40,7 +40,7 @@ from isomax_jax import (
 from isomax_jax.progress import Progress
 
 # name -> number of classes of the in-distribution sets.
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
+NUM_CLASSES = inputs.NUM_CLASSES
 TRAIN_INFO = validate.TRAIN_INFO  # written when the training is finished
 
 
@@ -108,9 +108,19 @@ def make_schedule(config: Any, plan: dict[str, Any]):
     )
 
 
-def initial_state(config: Any, plan: dict[str, Any], *, loss: str, seed: int, init: bool = True):
-    """The model and freshly initialised train state of one (loss, seed) (the model alone
-    with `init=False`)."""
+def initial_state(
+    config: Any,
+    plan: dict[str, Any],
+    *,
+    loss: str,
+    seed: int,
+    init: bool = True,
+    pretrained: bool = True,
+):
+    """The model and initial train state of one (loss, seed) (the model alone with
+    `init=False`): freshly initialised, or with `config.pretrained` (a PyTorch state-dict file)
+    imported — the whole model for a loss of `evaluate_as_imported`, else the backbone with a
+    fresh head (fine-tuning). `pretrained=False`: never import (shapes are all that matter)."""
     model = models.get_model(
         config.model,
         num_classes=NUM_CLASSES[config.dataset],
@@ -119,6 +129,19 @@ def initial_state(config: Any, plan: dict[str, Any], *, loss: str, seed: int, in
     )
     if not init:
         return model
+    size = inputs.image_size(config)
+    variables = None
+    path = inputs.option(config, "pretrained")
+    if pretrained and path:
+        from isomax_jax import torch_import
+
+        variables = torch_import.load_torch_checkpoint(
+            model,
+            path,
+            image_shape=(size, size, 3),
+            backbone_only=loss not in inputs.option(config, "evaluate_as_imported"),
+            key=jax.random.fold_in(jax.random.key(seed), 1),
+        )
     tx = train.reference_optimizer(
         make_schedule(config, plan),
         momentum=config.momentum,
@@ -128,7 +151,14 @@ def initial_state(config: Any, plan: dict[str, Any], *, loss: str, seed: int, in
     loss_config = train.LossConfig(
         loss, entropic_scale=config.entropic_scale, fpr=config.dismax_fpr and loss == "dismax"
     )
-    state = train.create_train_state(model, key=jax.random.key(seed), tx=tx, loss=loss_config)
+    state = train.create_train_state(
+        model,
+        key=jax.random.key(seed),
+        tx=tx,
+        loss=loss_config,
+        input_shape=(1, size, size, 3),
+        variables=variables,
+    )
     return model, state
 
 
@@ -213,23 +243,17 @@ class _TrainingLog:
             self.writer.close()  # never raises: the error that stopped the run stays the one shown
 
 
-def _device_batches(config: Any, split, *, seed: int, start: int, total: int, mesh):
-    """The host batch stream from step `start` and the same batches prefetched to the mesh;
-    the first batch's labels are checked eagerly (a bad label fails before any step)."""
-    images, labels = split
-    batches = data.TrainBatches(
-        images, labels, batch_size=config.batch_size, seed=seed, name=config.dataset,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        start_step=start, num_steps=total - start,
-    )  # fmt: skip
-    host = iter(batches)
-    try:
+@contextlib.contextmanager
+def _device_batches(
+    config: Any, source: inputs.TrainSource, *, seed: int, start: int, total: int, mesh
+):
+    """The batches of steps `start` to `total`, prefetched to the mesh (the host stream is
+    stopped when the block ends); the first batch's labels are checked eagerly (a bad label
+    fails before any step)."""
+    with source.batches(seed=seed, start=start, num_steps=total - start) as host:
         first = next(host)
         validation.validate_labels(first["label"], NUM_CLASSES[config.dataset])
-    except BaseException:
-        batches.close()  # stops its prefetch thread
-        raise
-    return batches, parallel.prefetch_to_mesh(itertools.chain([first], host), mesh)
+        yield parallel.prefetch_to_mesh(itertools.chain([first], host), mesh)
 
 
 def _train_steps(config, plan, state, ckpt, log: _TrainingLog, device_batches, step_fn):
@@ -268,10 +292,10 @@ def train_one(
     seed: int,
     run: int,
     mesh: Any,
-    split: tuple[np.ndarray, np.ndarray],
+    source: inputs.TrainSource,
     preemption: distributed.PreemptionNotice | None = None,
 ) -> records.TrainedRun:
-    """Trains (or resumes, or restores if finished) one model on the in-memory `split`.
+    """Trains (or resumes, or restores if finished) one model on the training split `source`.
 
     Raises:
       isomax_jax.distributed.Preempted: `preemption` was signalled; the step is saved.
@@ -279,7 +303,7 @@ def train_one(
     """
     name = records.run_name(loss, seed)
     run_dir = os.path.join(workdir, name)
-    plan = training_plan(config, len(split[0]))
+    plan = training_plan(config, source.num_examples)
     total = plan["total_steps"]
     model, state = initial_state(config, plan, loss=loss, seed=seed)
     run_metadata.write_run_metadata(
@@ -298,10 +322,9 @@ def train_one(
         schedule = make_schedule(config, plan)
         log = _TrainingLog(loss, seed, workdir, start=start, total=total, schedule=schedule)
         try:
-            batches, device_batches = _device_batches(
-                config, split, seed=seed, start=start, total=total, mesh=mesh
-            )
-            with batches:
+            with _device_batches(
+                config, source, seed=seed, start=start, total=total, mesh=mesh
+            ) as device_batches:
                 step_fn = parallel.sharded_train_step(mesh)
                 state = _train_steps(config, plan, state, ckpt, log, device_batches, step_fn)
             info = {**plan, **log.summary(config.batch_size)}
@@ -326,7 +349,9 @@ def restore_one(config: Any, workdir: str, *, loss: str, seed: int, run: int, me
     # Only shapes are needed to restore: the abstract state, restored straight into replicated
     # arrays on the mesh (no random initialisation).
     model = initial_state(config, plan, loss=loss, seed=seed, init=False)
-    abstract = jax.eval_shape(lambda: initial_state(config, plan, loss=loss, seed=seed)[1])
+    abstract = jax.eval_shape(
+        lambda: initial_state(config, plan, loss=loss, seed=seed, pretrained=False)[1]
+    )
     rep = parallel.replicated(mesh)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), abstract
@@ -342,3 +367,13 @@ def restore_one(config: Any, workdir: str, *, loss: str, seed: int, run: int, me
     if info.get("steps") not in (None, step):
         logging.warning("%s: restored step %d, training recorded %s", run_dir, step, info["steps"])
     return records.TrainedRun(loss, seed, run, state, model, info or {"steps": step})
+
+
+def imported_one(config: Any, *, loss: str, seed: int, run: int, mesh: Any) -> records.TrainedRun:
+    """A loss of `config.evaluate_as_imported`: the model of `config.pretrained` as it is (no
+    training, nothing written; both modes import it again)."""
+    path = inputs.option(config, "pretrained")
+    plan = {"total_steps": 1, "warmup_steps": 0, "lr_milestones_steps": []}  # no steps taken
+    model, state = initial_state(config, plan, loss=loss, seed=seed)
+    info = {"steps": 0, "imported_from": os.path.abspath(path)}
+    return records.TrainedRun(loss, seed, run, parallel.replicate_state(state, mesh), model, info)

@@ -98,27 +98,73 @@ def _check_names(key: str, values: Sequence[str], allowed: Sequence[str]) -> lis
 
 
 def _dataset_problems(config, workdir: str, mode: str) -> list[str]:
-    """Every training and evaluation set is prepared, buildable offline, or downloadable."""
-    from isomax_jax import data
+    """Every training, fitting and evaluation set is prepared, buildable offline, or
+    downloadable."""
+    from experiments import inputs
+
+    return inputs.availability_problems(config, workdir, mode)
+
+
+# Optional keys (experiments/inputs.py: OPTIONAL) -> (check, what is accepted).
+_OPTIONAL_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "image_size": (lambda v: _is_int(v) and v >= 32, "an int >= 32"),
+    "eval_resize_size": (lambda v: _is_int(v) and v >= 32, "an int >= 32"),
+    "shuffle_buffer": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "fit_split": (lambda v: isinstance(v, str), "a tfds split ('' for train_split)"),
+    "pretrained": (lambda v: isinstance(v, str), "a PyTorch state-dict file ('' for none)"),
+    "evaluate_as_imported": (lambda v: _names(v), "a tuple of loss names"),
+    "imagenet_o_protocol": (lambda v: v in ("hendrycks", "dismax"), "'hendrycks' or 'dismax'"),
+    "ood_groups": (lambda v: hasattr(v, "items"), "a dict {group: (OOD set names)}"),
+    "detector_hyperparameters": (
+        lambda v: hasattr(v, "items"),
+        "a dict {detector: {hyperparameter: value}}",
+    ),
+    "pack": (lambda v: isinstance(v, str), "a pack directory ('' for tfds)"),
+}
+
+
+def _optional_problems(config) -> list[str]:
+    """The ImageNet-scale keys, where the config has them."""
+    from isomax_jax import detectors
 
     problems = []
-    common = dict(
-        data_dir=config.data_dir or None,
-        manual_dir=config.manual_dir or None,
-        build_dir=config.build_dir or os.path.join(workdir, "data"),
-        download=config.download,
-    )
-    if mode == "train_and_evaluate":
+    for key, (ok, accepted) in _OPTIONAL_KEYS.items():
+        if key in config and not ok(config[key]):
+            problems.append(_problem(key, config[key], accepted))
+    if problems:
+        return problems
+    get = lambda key: config[key] if key in config else None  # noqa: E731
+    size, resize = get("image_size"), get("eval_resize_size")
+    if size is not None and resize is not None and resize < size:
+        problems.append(_problem("eval_resize_size", resize, f">= image_size={size}"))
+    if get("pack") and config.dataset == "imagenet2012":
+        problems.append(_problem("pack", get("pack"), "'' for ImageNet (a pack holds 32-px sets)"))
+    pretrained = get("pretrained") or ""
+    if pretrained and not os.path.isfile(pretrained):
+        problems.append(_problem("pretrained", pretrained, "an existing file"))
+    imported = tuple(get("evaluate_as_imported") or ())
+    for loss in imported:
+        if loss != "softmax":
+            problems.append(
+                _problem("evaluate_as_imported", imported, "('softmax',) or (): only a SoftMax "
+                         "head is imported whole (torchvision's fc); other heads are fine-tuned")
+            )  # fmt: skip
+        elif loss not in config.losses:
+            problems.append(f"config.evaluate_as_imported includes {loss!r}, not in config.losses")
+    if imported and not pretrained:
+        problems.append("config.evaluate_as_imported needs config.pretrained (the weights file)")
+    for group, sets in (get("ood_groups") or {}).items():
+        extra = [s for s in sets if s not in config.ood_datasets]
+        if not _names(tuple(sets)) or extra:
+            problems.append(
+                f"config.ood_groups[{group!r}]={tuple(sets)!r}: expected names among "
+                f"config.ood_datasets {tuple(config.ood_datasets)}"
+            )
+    for name, values in (get("detector_hyperparameters") or {}).items():
         try:
-            data.check_available(config.dataset, split=config.train_split, **common)
-        except (data.DataNotFoundError, ValueError) as err:
-            problems.append(f"config.dataset={config.dataset!r} / train_split: {err}")
-    for name in (config.dataset, *config.ood_datasets):
-        try:
-            data.check_available(name, split=None, **common)
-        except (data.DataNotFoundError, ValueError) as err:
-            key = "dataset" if name == config.dataset else "ood_datasets"
-            problems.append(f"config.{key} includes {name!r}, which is not available: {err}")
+            detectors.get(name, **dict(values))
+        except (ValueError, TypeError) as err:
+            problems.append(f"config.detector_hyperparameters[{name!r}]: {err}")
     return problems
 
 
@@ -131,8 +177,11 @@ def _workdir_problems(config, workdir: str, mode: str) -> list[str]:
         return [f"--workdir={workdir}: {probe} is not a directory"]
     if not os.access(probe, os.W_OK | os.X_OK):
         problems.append(f"--workdir={workdir}: {probe} is not writable (reports and checkpoints)")
+    imported = config.evaluate_as_imported if "evaluate_as_imported" in config else ()
     for run in range(config.runs):
         for loss in config.losses:
+            if loss in imported:
+                continue  # the imported model: nothing trained, nothing in the workdir
             run_dir = os.path.join(workdir, records.run_name(loss, config.seed + run))
             meta = os.path.join(run_dir, "run.json")
             if mode == "evaluate" and not os.path.isdir(os.path.join(run_dir, "checkpoints")):
@@ -160,6 +209,9 @@ EVALUATION_ONLY_KEYS = frozenset({
     "bootstrap_samples", "build_dir", "checkpoint_every_steps", "conventions", "data_dir",
     "detectors", "download", "eval_batch_size", "log_every_steps", "losses", "manual_dir",
     "max_eval_examples", "ood_datasets", "perturbation_max_examples", "published", "runs",
+    # ImageNet scale (experiments/inputs.py)
+    "fit_split", "detector_hyperparameters", "ood_groups", "imagenet_o_protocol",
+    "eval_resize_size", "evaluate_as_imported",
 })  # fmt: skip
 
 
@@ -196,9 +248,8 @@ def check(config, workdir: str, *, mode: str, device_count: int, process_count: 
       device_count: the number of devices the batches are split over (all processes).
       process_count: the number of processes.
     """
-    from isomax_jax import data as data_lib
+    from experiments import inputs
     from isomax_jax import detectors, metrics, models, registry
-    from isomax_jax.data import pipelines as data_pipelines
 
     problems = []
     missing = [k for k in _KEYS if k not in config]
@@ -212,10 +263,12 @@ def check(config, workdir: str, *, mode: str, device_count: int, process_count: 
 
     if config.model not in models.BACKBONES:
         problems.append(_problem("model", config.model, f"one of {sorted(models.BACKBONES)}"))
-    if config.dataset not in data_lib.TRAIN_NAMES:
-        problems.append(_problem("dataset", config.dataset, f"one of {list(data_lib.TRAIN_NAMES)}"))
+    if config.dataset not in inputs.train_names():
+        problems.append(_problem("dataset", config.dataset, f"one of {list(inputs.train_names())}"))
+        raise ConfigError(_message(problems))
     problems += _check_names("losses", config.losses, registry.HEAD_NAMES)
-    problems += _check_names("ood_datasets", config.ood_datasets, data_lib.EVAL_NAMES)
+    problems += _check_names("ood_datasets", config.ood_datasets, inputs.eval_names(config))
+    problems += _optional_problems(config)
     if config.dataset in config.ood_datasets:
         problems.append(f"config.ood_datasets includes the in-distribution set {config.dataset!r}")
     problems += _check_names("conventions", config.conventions, metrics.CONVENTIONS)
@@ -237,7 +290,10 @@ def check(config, workdir: str, *, mode: str, device_count: int, process_count: 
             problems.append(
                 _problem("warmup_epochs", config.warmup_epochs, f"< num_epochs={config.num_epochs}")
             )
-    image_size = data_pipelines.IMAGE_SIZE
+    try:
+        image_size = inputs.image_size(config)
+    except (TypeError, ValueError):  # a bad image_size, reported above
+        image_size = 2**31
     if config.early_image_size >= image_size:
         problems.append(
             _problem("early_image_size", config.early_image_size, f"< the image size {image_size}")

@@ -390,6 +390,14 @@ def _flatten_sets(ood_batches) -> tuple[dict[str, tuple[str, ...]], dict[str, Ba
     return groups, sets
 
 
+def _metrics_of(scores, ood: str, name: str, **kwargs) -> dict[str, Any]:
+    """``ood_metrics`` of one detector on one set; an error names both."""
+    try:
+        return metrics.ood_metrics(scores["in"][name], scores[ood][name], **kwargs)
+    except ValueError as err:
+        raise ValueError(f"detector {name!r}, OOD set {ood!r}: {err}") from err
+
+
 def _metric_tables(scores, sets, names, conventions, tpr):
     """``{convention: {set: {detector: metrics}}}``; unresolvable-TPR warnings summarised in one
     log line instead of one warning per pair."""
@@ -398,9 +406,7 @@ def _metric_tables(scores, sets, names, conventions, tpr):
         tables_ = {
             conv: {
                 s: {
-                    n: _floats(
-                        metrics.ood_metrics(scores["in"][n], scores[s][n], convention=conv, tpr=tpr)
-                    )  # fmt: skip
+                    n: _floats(_metrics_of(scores, s, n, convention=conv, tpr=tpr))
                     for n in names
                 }
                 for s in sets

@@ -16,9 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import evaluate, records, report, summaries, train_eval, training, validate
+from experiments import evaluate, inputs, records, report, summaries, train_eval, training, validate
 from experiments.configs import default, paper
-from isomax_jax import parallel
+from isomax_jax import data, parallel
 from isomax_jax.data import testing
 
 MOCK_EXAMPLES = 64
@@ -290,12 +290,12 @@ def test_finished_runs_are_restored_and_evaluate_mode_rewrites_the_report(
 @pytest.mark.slow
 def test_multi_device_default_equals_one_device(tmp_path, mock_data):
     config = tiny_config(num_train_steps=4, losses=("isomax",), learning_rate=0.05)
-    split = training.data.load_train_split("cifar10")
+    source = inputs.TrainSource(config, str(tmp_path))
     params = []
     for n in (1, 2, 8):
         mesh = parallel.data_mesh(jax.devices()[:n])
         run = training.train_one(
-            config, str(tmp_path / f"d{n}"), loss="isomax", seed=0, run=0, mesh=mesh, split=split
+            config, str(tmp_path / f"d{n}"), loss="isomax", seed=0, run=0, mesh=mesh, source=source
         )
         params.append(jax.tree.leaves(jax.device_get(run.state.params)))
     for other in params[1:]:
@@ -327,7 +327,7 @@ def test_bad_configs_fail_before_training(tmp_path, overrides, expected, monkeyp
         pytest.fail("data was loaded or a model trained for a config that cannot run")
 
     monkeypatch.setattr(training, "train_one", never)
-    monkeypatch.setattr(training.data, "load_train_split", never)
+    monkeypatch.setattr(data, "load_train_split", never)
     config = tiny_config(**overrides)
     with pytest.raises(validate.ConfigError, match=expected):
         train_eval.run(config, str(tmp_path / "w"))
@@ -371,9 +371,9 @@ def test_diverging_training_stops_naming_the_step(tmp_path, mock_data):
 
 
 def test_bad_labels_stop_at_the_first_batch(tmp_path, mock_data, monkeypatch):
-    images, labels = training.data.load_train_split("cifar10")
+    images, labels = data.load_train_split("cifar10")
     bad = np.full_like(labels, 10)  # out of range for 10 classes
-    monkeypatch.setattr(train_eval.data, "load_train_split", lambda *a, **k: (images, bad))
+    monkeypatch.setattr(data, "load_train_split", lambda *a, **k: (images, bad))
     config = tiny_config(losses=("isomax",))
     with pytest.raises(ValueError, match=r"`labels` must lie in \[0, 10\)"):
         train_eval.run(config, str(tmp_path / "w"))
