@@ -62,6 +62,10 @@ OPTIONAL: dict[str, Any] = {
     "detector_hyperparameters": {},
     # A pack directory (isomax_jax.pack): the 32-px sets read from it instead of tfds.
     "pack": "",
+    # Training input of 32-px sets: "host" (batches augmented on the host, prefetched to the
+    # devices), "device" (the split on the devices, batches drawn and augmented inside the
+    # jitted step: isomax_jax.device_data), "auto" (device on GPUs and TPUs, host on CPUs).
+    "input": "auto",
 }
 
 
@@ -187,6 +191,18 @@ def availability_problems(config: Any, workdir: str, mode: str) -> list[str]:
 # ---------------------------------------------------------------------------------- training
 
 
+def input_kind(config: Any, mesh: Any) -> str:
+    """``"device"`` or ``"host"``: how ``config``'s training batches are made on ``mesh``
+    (ImageNet always streams from the host)."""
+    if is_imagenet(config):
+        return "host"
+    kind = option(config, "input")
+    if kind == "auto":
+        platform = mesh.devices.flat[0].platform
+        kind = "device" if platform in ("gpu", "cuda", "rocm", "tpu") else "host"
+    return kind
+
+
 class TrainSource:
     """The training split of a config: its size and its batch stream from any step.
 
@@ -198,6 +214,7 @@ class TrainSource:
     def __init__(self, config: Any, workdir: str):
         self.config = config
         self._dirs = _dirs(config, os.path.join(workdir, "data"))
+        self._on_device: Any = None
         if is_imagenet(config):
             self.split = None
             self.num_examples = data.imagenet_num_examples(
@@ -214,6 +231,22 @@ class TrainSource:
                 download=config.download,
             )
             self.num_examples = len(self.split[0])
+
+    def device_data(self, mesh: Any) -> Any:
+        """The split on ``mesh``'s devices (:func:`isomax_jax.device_data.put`, once), its
+        labels checked first."""
+        from isomax_jax import device_data, validation
+
+        if self._on_device is None or self._on_device.mesh is not mesh:
+            images, labels = self.split
+            validation.validate_labels(labels, NUM_CLASSES[self.config.dataset])
+            pack = packed(self.config)
+            if pack is not None:
+                mean, std = pack.normalization(self.config.dataset)
+            else:
+                mean, std = data.normalization_stats(self.config.dataset)
+            self._on_device = device_data.put(images, labels, mean=mean, std=std, mesh=mesh)
+        return self._on_device
 
     @contextlib.contextmanager
     def batches(self, *, seed: int, start: int, num_steps: int) -> Iterator[Iterator[Any]]:

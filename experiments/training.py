@@ -256,14 +256,47 @@ def _device_batches(
         yield parallel.prefetch_to_mesh(itertools.chain([first], host), mesh)
 
 
-def _train_steps(config, plan, state, ckpt, log: _TrainingLog, device_batches, step_fn):
+def _host_step_fns(config, mesh):
+    """(early, late) step functions on host batches prefetched to the mesh: the early steps of
+    progressive resizing train on the batch downscaled on the devices."""
+    step_fn = parallel.sharded_train_step(mesh)
+
+    def early(state, batch):
+        return step_fn(
+            state, {**batch, "image": downscale(batch["image"], config.early_image_size)}
+        )
+
+    return early, step_fn
+
+
+def _resized_train_step(state, batch, *, size: int):
+    return train.train_step(state, {**batch, "image": downscale(batch["image"], size)})
+
+
+def _device_step_fns(config, *, seed: int):
+    """(early, late) jitted steps that draw their batch from device-resident data
+    (`isomax_jax.device_data.train_step`: the stream follows the state's step)."""
+    from isomax_jax import device_data
+
+    def make(step_fn):
+        fn = functools.partial(device_data.train_step, seed=seed, batch_size=config.batch_size,
+                               step_fn=step_fn)  # fmt: skip
+        return jax.jit(fn, donate_argnums=0)
+
+    late = make(train.train_step)
+    if not config.early_image_size:
+        return late, late
+    return make(functools.partial(_resized_train_step, size=config.early_image_size)), late
+
+
+def _train_steps(config, plan, state, ckpt, log: _TrainingLog, device_batches, step_fns):
     """Steps `log.start` to the end: each step dispatched, its metrics reported at log steps
     and before every checkpoint (a diverged state is never saved), saved when `ckpt` says;
     after a preemption's save, `distributed.Preempted`."""
     total = plan["total_steps"]
+    early, late = step_fns
     for step, batch in zip(range(log.start, total), device_batches, strict=True):
-        if step < plan["early_steps"]:
-            batch = {**batch, "image": downscale(batch["image"], config.early_image_size)}
+        step_fn = early if step < plan["early_steps"] else late
         state, metrics = step_fn(state, batch)
         log.dispatched(metrics)
         done = step + 1
@@ -322,12 +355,18 @@ def train_one(
         schedule = make_schedule(config, plan)
         log = _TrainingLog(loss, seed, workdir, start=start, total=total, schedule=schedule)
         try:
-            with _device_batches(
-                config, source, seed=seed, start=start, total=total, mesh=mesh
-            ) as device_batches:
-                step_fn = parallel.sharded_train_step(mesh)
-                state = _train_steps(config, plan, state, ckpt, log, device_batches, step_fn)
-            info = {**plan, **log.summary(config.batch_size)}
+            kind = inputs.input_kind(config, mesh)
+            if kind == "device":  # the split on the devices, batches drawn in the step
+                batches = itertools.repeat(source.device_data(mesh), total - start)
+                step_fns = _device_step_fns(config, seed=seed)
+                state = _train_steps(config, plan, state, ckpt, log, batches, step_fns)
+            else:
+                with _device_batches(
+                    config, source, seed=seed, start=start, total=total, mesh=mesh
+                ) as device_batches:
+                    step_fns = _host_step_fns(config, mesh)
+                    state = _train_steps(config, plan, state, ckpt, log, device_batches, step_fns)
+            info = {**plan, **log.summary(config.batch_size), "input": kind}
         finally:
             log.close()
     finally:

@@ -120,6 +120,7 @@ _OPTIONAL_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
         "a dict {detector: {hyperparameter: value}}",
     ),
     "pack": (lambda v: isinstance(v, str), "a pack directory ('' for tfds)"),
+    "input": (lambda v: v in ("auto", "host", "device"), "'auto', 'host' or 'device'"),
 }
 
 

@@ -118,6 +118,23 @@ def test_openood_and_finetune_configs_end_to_end(tmp_path, weights):
 
 
 @pytest.mark.slow
+def test_openood_config_end_to_end(tmp_path, weights):
+    path, _, _ = weights
+    config = small_config("openood_resnet50", pretrained=path, detectors=("msp", "energy",
+                          "react", "ash"), ood_datasets=("ssb_hard", "inaturalist"),
+                          ood_groups={"near": ("ssb_hard",), "far": ("inaturalist",)})  # fmt: skip
+    with testing.mock_data(num_examples=16):
+        results = train_eval.run(config, str(tmp_path / "w"))
+    (run,) = results["runs"]
+    assert run["loss"] == "softmax" and run["train"]["steps"] == 0
+    assert set(run["ood"]) == {"ssb_hard", "inaturalist"} and set(run["detectors"]) == {
+        "msp", "energy", "react", "ash", "entropic"}  # + SoftMax's paper scores  # fmt: skip
+    assert not any(p.name.endswith("_seed0") for p in (tmp_path / "w").iterdir())
+    text = (tmp_path / "w" / "results.md").read_text()
+    assert "| ASH | " in text and "/ 95.74" in text  # OpenOOD's far-OOD ASH beside ours
+
+
+@pytest.mark.slow
 def test_dismax_config_with_both_imagenet_o_protocols(tmp_path, monkeypatch):
     config = small_config("dismax_resnet18", detectors=("msp", "energy", "mahalanobis"))
     with testing.mock_data(num_examples=16):

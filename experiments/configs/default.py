@@ -10,9 +10,9 @@ Three models with the same backbone (`small_resnet`, a ResNet-8), seed, data ord
 are trained, one per loss, then evaluated on the CIFAR-10 test set against TinyImageNet (resize
 and crop), MNIST, Omniglot, textures, Gaussian noise and uniform noise, with every post-hoc
 detector of `isomax_jax.detectors` that applies to each head (fitted on the training split with
-the papers' defaults). On this project's 2-core CPU machine the whole job took 19.3 minutes
-(training 13.9, evaluation 4.8; docs/default_experiment.md, commit f29fc4c) and the models
-reached 77.2-78.0 % test accuracy.
+the papers' defaults). On a 2-core CPU machine the whole job took 9.0 minutes on an Intel Xeon
+(training 5.9, evaluation 3.0; commit b74e15f) and 19.3 minutes on an AMD EPYC (commit f29fc4c);
+the models reached 77.0-78.1 % test accuracy (docs/default_experiment.md).
 
 Deviations from the papers' recipe (docs/recipe.md), the same for every loss:
 
