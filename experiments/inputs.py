@@ -14,7 +14,7 @@ validation do not ask which kind of set a config names:
   `eval_resize_size`, centre crop `image_size`), normalised with the statistics of the model's
   family (torchvision's for `tv_*`). The detectors are fitted on `fit_split`, streamed.
 
-* `pack` (a directory written by ``python -m isomax_jax.pack write``): the 32-px sets are read
+* `pack` (a directory written by ``python -m isomax_jax.pack_tfds write``): the 32-px sets are read
   from the pack's files (NumPy + Pillow) instead of tfds, with the same batching and
   normalisation; the report records it (:func:`pack_summary`).
 

@@ -405,10 +405,7 @@ def _metric_tables(scores, sets, names, conventions, tpr):
         warnings.simplefilter("always", metrics.TPRResolutionWarning)
         tables_ = {
             conv: {
-                s: {
-                    n: _floats(_metrics_of(scores, s, n, convention=conv, tpr=tpr))
-                    for n in names
-                }
+                s: {n: _floats(_metrics_of(scores, s, n, convention=conv, tpr=tpr)) for n in names}
                 for s in sets
             }
             for conv in conventions

@@ -22,10 +22,10 @@ Generated sets (Gaussian and uniform noise) are stored as their recipe and regen
 NumPy exactly as :mod:`isomax_jax.data.builders.far_ood` builds them (JPEG would neither shrink
 nor keep noise); the writer checks that the regenerated images are the tfds set's.
 
-Writing (:func:`write`, from arrays; :func:`write_from_tfds` or the command below, from tfds,
-which that machine must have)::
+Writing (:func:`write`, from arrays; :func:`isomax_jax.pack_tfds.write_from_tfds` or the command
+below, from tfds, which that machine must have)::
 
-    python -m isomax_jax.pack write --out packs/cifar10 --sets cifar10,tiny_imagenet_resize,\\
+    python -m isomax_jax.pack_tfds write --out packs/cifar10 --sets cifar10,tiny_imagenet_resize,\\
         tiny_imagenet_crop,mnist,omniglot,textures,gaussian_noise,uniform_noise \\
         --data-dir ../shared/data/tfds --manual-dir ../shared/data/raw
     python -m isomax_jax.pack info packs/cifar10
@@ -70,7 +70,6 @@ __all__ = [
     "decode_mosaics",
     "encode_mosaics",
     "write",
-    "write_from_tfds",
 ]
 
 FORMAT, VERSION = "isomax-pack", 1
@@ -391,52 +390,19 @@ class Pack:
         return "\n".join(lines)
 
 
-def write_from_tfds(
-    out: str | os.PathLike,
-    names: Sequence[str],
-    *,
-    data_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-    manual_dir: str | os.PathLike | None = None,
-    build_dir: str | os.PathLike | None = None,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """Writes a pack of tfds sets (needs TensorFlow; see :mod:`isomax_jax.pack_tfds`)."""
-    from isomax_jax import pack_tfds
-
-    return pack_tfds.write_from_tfds(
-        out, names, data_dir=data_dir, manual_dir=manual_dir, build_dir=build_dir, **kwargs
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m isomax_jax.pack info PACK``: a pack's sets, sizes and errors (NumPy + Pillow).
+    Writing one from tfds is ``python -m isomax_jax.pack_tfds write``."""
     import argparse
 
     parser = argparse.ArgumentParser(
         prog="python -m isomax_jax.pack", description=(__doc__ or "")[:75]
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    w = commands.add_parser("write", help="write a pack from tfds sets (needs TensorFlow)")
-    w.add_argument("--out", required=True, help="the pack's directory (must not exist)")
-    w.add_argument("--sets", required=True, help="comma-separated; training sets: train+test")
-    w.add_argument("--data-dir", action="append", help="prepared tfds data (repeatable)")
-    w.add_argument("--manual-dir", help="source archives of the OOD builders")
-    w.add_argument("--build-dir", help="where missing OOD sets are built (default: a tmp dir)")
-    w.add_argument("--codec", default="auto", choices=("auto", "jpeg", "png"))
-    w.add_argument("--quality", type=int, default=95)
-    w.add_argument("--max-mib", type=float, default=60.0)
     i = commands.add_parser("info", help="print a pack's sets, sizes and errors")
     i.add_argument("pack")
     args = parser.parse_args(argv)
-    if args.command == "info":
-        print(Pack(args.pack).table())
-        return 0
-    build_dir = args.build_dir or tempfile.mkdtemp(prefix="isomax_pack_build_")
-    write_from_tfds(
-        args.out, [s for s in args.sets.split(",") if s], data_dir=args.data_dir,
-        manual_dir=args.manual_dir, build_dir=build_dir, codec=args.codec,
-        quality=args.quality, max_mib=args.max_mib,
-    )  # fmt: skip
-    print(Pack(args.out).table())
+    print(Pack(args.pack).table())
     return 0
 
 

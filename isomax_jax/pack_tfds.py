@@ -8,6 +8,11 @@ normalising: uint8 ``[32, 32, 3]``, grey copied to three channels, 28x28 (MNIST)
 2 pixels; in the same order. The noise sets are stored as their recipe
 (:data:`isomax_jax.pack.NOISE_SETS`) once the regenerated images are checked to be the tfds
 set's (as a set of images: tfds reads them in another order).
+
+Command::
+
+    python -m isomax_jax.pack_tfds write --out packs/cifar10 --sets cifar10,mnist,... \\
+        --data-dir ../shared/data/tfds --manual-dir ../shared/data/raw
 """
 
 from __future__ import annotations
@@ -107,3 +112,37 @@ def write_from_tfds(
         out, sets, normalization=normalization, sources=sources, codec=codec, quality=quality,
         max_mib=max_mib,
     )  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m isomax_jax.pack_tfds write --out DIR --sets a,b,...``: a pack of tfds sets,
+    then its table (``python -m isomax_jax.pack info DIR`` prints it again, without TensorFlow)."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(
+        prog="python -m isomax_jax.pack_tfds", description="Writes a pack of tfds sets."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    w = commands.add_parser("write", help="write a pack from tfds sets (needs TensorFlow)")
+    w.add_argument("--out", required=True, help="the pack's directory (must not exist)")
+    w.add_argument("--sets", required=True, help="comma-separated; training sets: train+test")
+    w.add_argument("--data-dir", action="append", help="prepared tfds data (repeatable)")
+    w.add_argument("--manual-dir", help="source archives of the OOD builders")
+    w.add_argument("--build-dir", help="where missing OOD sets are built (default: a tmp dir)")
+    w.add_argument("--codec", default="auto", choices=("auto", "jpeg", "png"))
+    w.add_argument("--quality", type=int, default=95)
+    w.add_argument("--max-mib", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    build_dir = args.build_dir or tempfile.mkdtemp(prefix="isomax_pack_build_")
+    write_from_tfds(
+        args.out, [s for s in args.sets.split(",") if s], data_dir=args.data_dir,
+        manual_dir=args.manual_dir, build_dir=build_dir, codec=args.codec,
+        quality=args.quality, max_mib=args.max_mib,
+    )  # fmt: skip
+    print(pack_lib.Pack(args.out).table())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -174,11 +174,12 @@ def test_tfds_writer_stores_what_the_pipelines_read(tmp_path):
 
 def test_command_writes_and_describes_a_pack(tmp_path, capsys):
     pytest.importorskip("isomax_jax.data")
+    from isomax_jax import pack_tfds
     from isomax_jax.data import testing
 
     with testing.mock_data(num_examples=16):
-        assert pack.main(["write", "--out", str(tmp_path / "p"), "--sets", "cifar10",
-                          "--max-mib", "1"]) == 0  # fmt: skip
+        assert pack_tfds.main(["write", "--out", str(tmp_path / "p"), "--sets", "cifar10",
+                               "--max-mib", "1"]) == 0  # fmt: skip
     assert pack.main(["info", str(tmp_path / "p")]) == 0
     out = capsys.readouterr().out
     assert "cifar10/train" in out and "cifar10/test" in out and "total" in out
