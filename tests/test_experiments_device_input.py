@@ -8,31 +8,20 @@ stream is a function of the state's step); `input="auto"` keeps the host pipelin
 import jax
 import numpy as np
 import pytest
+import test_experiments
 
 from experiments import inputs, train_eval, training, validate
-from experiments.configs import default
 from isomax_jax import distributed, parallel
 from isomax_jax.data import testing
 
 
 def tiny_config(**overrides):
-    config = default.get_config()
-    config.losses = ("isomax",)
-    config.ood_datasets = ("gaussian_noise",)
-    config.detectors = ("msp", "entropic")
-    config.num_train_steps = 6
-    config.batch_size = 16
-    config.eval_batch_size = 16
-    config.max_eval_examples = 32
-    config.bootstrap_samples = 0
-    config.checkpoint_every_steps = 10**6
-    config.log_every_steps = 1
-    config.warmup_epochs = 0.0
-    config.early_image_size = 24
-    config.early_fraction = 0.5
-    for key, value in overrides.items():
-        config[key] = value
-    return config
+    return test_experiments.tiny_config(**{
+        "losses": ("isomax",), "ood_datasets": ("gaussian_noise",),
+        "detectors": ("msp", "entropic"), "num_train_steps": 6, "eval_batch_size": 16,
+        "max_eval_examples": 32, "bootstrap_samples": 0, "checkpoint_every_steps": 10**6,
+        "early_image_size": 24, "early_fraction": 0.5, **overrides,
+    })  # fmt: skip
 
 
 class _StopAt:

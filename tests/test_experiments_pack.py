@@ -4,29 +4,20 @@ import json
 import os
 
 import pytest
+import test_experiments
 
 from experiments import train_eval, validate
-from experiments.configs import default
 from isomax_jax import data
 from isomax_jax.data import testing
 from isomax_jax.pack_tfds import write_from_tfds
 
 
 def tiny_config(**overrides):
-    config = default.get_config()
-    config.losses = ("softmax",)
-    config.ood_datasets = ("mnist",)
-    config.detectors = ("msp", "energy", "react")
-    config.num_train_steps = 2
-    config.batch_size = 16
-    config.eval_batch_size = 16
-    config.max_eval_examples = 32
-    config.bootstrap_samples = 0
-    config.log_every_steps = 1
-    config.warmup_epochs = 0.0
-    for key, value in overrides.items():
-        config[key] = value
-    return config
+    return test_experiments.tiny_config(**{
+        "losses": ("softmax",), "ood_datasets": ("mnist",), "detectors": ("msp", "energy", "react"),
+        "num_train_steps": 2, "eval_batch_size": 16, "max_eval_examples": 32,
+        "bootstrap_samples": 0, **overrides,
+    })  # fmt: skip
 
 
 @pytest.fixture(scope="module")
