@@ -192,8 +192,12 @@ def device_layout() -> dict[str, object]:
 # --- Preemption ---------------------------------------------------------------------------------
 
 
-class Preempted(Exception):
+class Preempted(BaseException):
     """A run stopped on a preemption notice (SIGTERM/SIGINT) after saving what it had finished.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: raised by a signal handler in the middle of
+    library code (e.g. tfds's builder lookup, which turns any ``Exception`` into "dataset not
+    found"), it must not be caught and converted by ``except Exception`` blocks.
 
     Exit with :data:`PREEMPTED_EXIT_CODE` and print the message: it names the step saved (or
     says that nothing was reported) and says that the same command resumes.
